@@ -1,0 +1,34 @@
+"""Stage names a recipe can use, mapped to their classes.
+
+Classes are imported lazily so that checking a recipe never imports torch or
+transformers unless a stage of the recipe needs them. Add a stage with one
+line here: ``"type_name": "gristmill.<package>.<module>:<Class>"``.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from gristmill.pipeline.stage import Stage
+
+STAGES: dict[str, str] = {
+    # selectors
+    "exact_dedup": "gristmill.selectors.dedup:ExactDedup",
+    "gopher": "gristmill.selectors.filters:GopherFilter",
+    "length_filter": "gristmill.selectors.filters:LengthFilter",
+    "sample": "gristmill.selectors.sample:Sample",
+    "top_fraction": "gristmill.selectors.top_fraction:TopFraction",
+    # scorers
+    "text_stats": "gristmill.scorers.text_stats:TextStats",
+}
+
+
+def stage_class(type_name: str) -> type[Stage]:
+    """The class registered under ``type_name``; ValueError lists the valid names."""
+    try:
+        target = STAGES[type_name]
+    except KeyError:
+        valid = ", ".join(sorted(STAGES))
+        raise ValueError(f"unknown stage {type_name!r}; valid stages: {valid}") from None
+    module, _, cls = target.partition(":")
+    return getattr(importlib.import_module(module), cls)

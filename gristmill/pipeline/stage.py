@@ -1,0 +1,223 @@
+"""The stage contract every engine runs unchanged.
+
+There are three kinds of stage. Each is a plain object built from validated
+parameters; the engines (local, dask, beam) call the same methods in the same
+order, so a stage never knows which engine runs it.
+
+``RowStage`` (row-local; scorers and simple filters)
+    ``setup()`` once per worker (load a model, a fastText file), then
+    ``process(batch) -> StageOutput`` for every Arrow batch.
+
+``GlobalStage`` (two phases; quantiles, top fractions, mixtures)
+    ``summarize(batch) -> S`` on every batch, ``merge(S, S) -> S`` to combine
+    (associative and commutative, so any reduction tree gives the same result),
+    ``finalize(S) -> state`` once, then ``apply(batch, state) -> StageOutput``
+    on every batch. ``state`` is broadcast to the workers, so keep it small.
+
+``ShuffleStage`` (group by key; deduplication)
+    ``keys(batch) -> pa.Table`` with a ``key`` column (uint64) and any other
+    columns, the engine groups rows by ``key`` (spill files locally, a Dask
+    shuffle, a Beam ``GroupByKey``) into partitions that hold whole groups,
+    ``reduce(partition) -> pa.Table`` per partition, the engine concatenates
+    the reduced tables and calls ``resolve(table) -> state`` once, then
+    ``apply(batch, state) -> StageOutput`` on every batch.
+
+A stage adds columns to kept rows (scorers) or drops rows (selectors). Every
+dropped row is accounted for with the stage name and a reason, which is how
+the counts reconcile: read = kept + dropped + rejected.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict
+
+DROPPED_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("stage", pa.string()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+    ]
+)
+
+
+class StageParams(BaseModel):
+    """Base of every stage's parameters: unknown keys are errors, not ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass
+class StageOutput:
+    """What a stage returns for one batch: the rows kept and the rows dropped.
+
+    ``dropped`` has the columns of ``DROPPED_SCHEMA`` (id, stage, reason, detail).
+    """
+
+    kept: pa.Table
+    dropped: pa.Table
+
+    @property
+    def num_dropped(self) -> int:
+        return self.dropped.num_rows
+
+
+def empty_dropped() -> pa.Table:
+    return DROPPED_SCHEMA.empty_table()
+
+
+def keep_all(batch: pa.Table) -> StageOutput:
+    return StageOutput(kept=batch, dropped=empty_dropped())
+
+
+def split_batch(
+    batch: pa.Table,
+    keep: np.ndarray,
+    stage: str,
+    reasons: np.ndarray | list[str] | str,
+    details: np.ndarray | list[str | None] | None = None,
+) -> StageOutput:
+    """Split ``batch`` by the boolean mask ``keep``.
+
+    ``reasons`` gives, for every row (or as one string for all), why it was
+    dropped; only the entries of dropped rows are used. ``details`` is optional
+    free text per row (a survivor id, a score).
+    """
+    keep = np.asarray(keep, dtype=bool)
+    if keep.shape != (batch.num_rows,):
+        raise ValueError(f"keep mask has shape {keep.shape}, batch has {batch.num_rows} rows")
+    drop_idx = np.flatnonzero(~keep)
+    kept = batch.filter(pa.array(keep)) if drop_idx.size else batch
+    if drop_idx.size == 0:
+        return StageOutput(kept=kept, dropped=empty_dropped())
+    ids = batch.column("id").take(pa.array(drop_idx))
+    if isinstance(reasons, str):
+        reason_col = pa.array([reasons] * drop_idx.size, pa.string())
+    else:
+        reason_col = pa.array(np.asarray(reasons, dtype=object)[drop_idx], pa.string())
+    if details is None:
+        detail_col = pa.nulls(drop_idx.size, pa.string())
+    else:
+        detail_col = pa.array(np.asarray(details, dtype=object)[drop_idx], pa.string())
+    dropped = pa.Table.from_arrays(
+        [ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids,
+         pa.array([stage] * drop_idx.size, pa.string()), reason_col, detail_col],
+        schema=DROPPED_SCHEMA,
+    )
+    return StageOutput(kept=kept, dropped=dropped)
+
+
+class Stage:
+    """Base of every stage.
+
+    Subclasses set ``type_name`` (the name a recipe uses), ``Params`` (a
+    ``StageParams`` model, validated when the recipe is loaded) and, where a
+    stage needs columns, ``requires`` (checked against the source kind before
+    any data is read).
+
+    Parameters
+    ----------
+    params : StageParams
+        Validated parameters.
+    name : str
+        This stage's name in the run (defaults to ``type_name``); scorers name
+        their output columns after it and drops are recorded under it.
+    seed : int
+        The recipe's seed. Randomness must be a hash of (seed, record id),
+        never a sequential RNG, so results do not depend on partitioning.
+    """
+
+    type_name: ClassVar[str] = ""
+    kind: ClassVar[str] = ""
+    Params: ClassVar[type[StageParams]] = StageParams
+    requires: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, params: StageParams | dict | None = None, *, name: str | None = None,
+                 seed: int = 0) -> None:
+        if params is None:
+            params = {}
+        if isinstance(params, dict):
+            params = self.Params(**params)
+        self.params = params
+        self.name = name or self.type_name
+        self.seed = seed
+
+    def setup(self) -> None:
+        """Load heavy resources; called once per worker before any batch."""
+
+    def check(self, base_dir: str) -> None:
+        """Validate what can be validated without reading data (files exist...).
+
+        Raise ``ValueError`` naming the parameter. ``base_dir`` is the folder
+        relative paths in the recipe are resolved against.
+        """
+
+    def output_columns(self) -> tuple[str, ...]:
+        """Columns this stage adds to kept rows (so later stages can be checked)."""
+        return ()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Heavy resources loaded by setup() are private attributes starting
+        # with "_"; they are reloaded per worker, never pickled.
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, params={self.params!r})"
+
+
+class RowStage(Stage):
+    kind = "row"
+
+    def process(self, batch: pa.Table) -> StageOutput:
+        raise NotImplementedError
+
+
+class GlobalStage(Stage):
+    kind = "global"
+
+    def summarize(self, batch: pa.Table) -> Any:
+        raise NotImplementedError
+
+    def merge(self, a: Any, b: Any) -> Any:
+        raise NotImplementedError
+
+    def finalize(self, summary: Any) -> Any:
+        """Turn the merged summary into the state ``apply`` needs (default: itself).
+
+        ``summary`` is None when the stage saw no rows at all.
+        """
+        return summary
+
+    def apply(self, batch: pa.Table, state: Any) -> StageOutput:
+        raise NotImplementedError
+
+
+class ShuffleStage(Stage):
+    kind = "shuffle"
+
+    def keys(self, batch: pa.Table) -> pa.Table:
+        raise NotImplementedError
+
+    def reduce(self, partition: pa.Table) -> pa.Table:
+        raise NotImplementedError
+
+    def resolve(self, reduced: pa.Table) -> Any:
+        raise NotImplementedError
+
+    def apply(self, batch: pa.Table, state: Any) -> StageOutput:
+        raise NotImplementedError
+
+
+def merge_all(stage: GlobalStage, summaries: list[Any]) -> Any:
+    """Fold summaries in the given order; None entries (no rows) are skipped."""
+    acc = None
+    for s in summaries:
+        if s is None:
+            continue
+        acc = s if acc is None else stage.merge(acc, s)
+    return acc
