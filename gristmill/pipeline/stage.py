@@ -157,6 +157,16 @@ class Stage:
         relative paths in the recipe are resolved against.
         """
 
+    def artifacts(self, state: Any) -> dict[str, bytes]:
+        """Files this stage publishes beside the shards, from its final state.
+
+        Called once by the engine after ``finalize``/``resolve`` (global and
+        shuffle stages); each ``{filename: content}`` is written atomically to
+        ``OUTPUT/artifacts/<stage name>/<filename>`` (a mixture schedule, a
+        distilled set, a learned threshold).
+        """
+        return {}
+
     def output_columns(self) -> tuple[str, ...]:
         """Columns this stage adds to kept rows (so later stages can be checked)."""
         return ()
