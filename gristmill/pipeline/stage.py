@@ -167,6 +167,10 @@ class Stage:
         """
         return {}
 
+    def input_columns(self) -> tuple[str, ...]:
+        """Columns this stage reads; checked against the sources and earlier stages."""
+        return self.requires
+
     def output_columns(self) -> tuple[str, ...]:
         """Columns this stage adds to kept rows (so later stages can be checked)."""
         return ()
