@@ -16,6 +16,7 @@ STAGES: dict[str, str] = {
     "exact_dedup": "gristmill.selectors.dedup:ExactDedup",
     "gopher": "gristmill.selectors.filters:GopherFilter",
     "length_filter": "gristmill.selectors.filters:LengthFilter",
+    "mix": "gristmill.selectors.mix:Mix",
     "sample": "gristmill.selectors.sample:Sample",
     "top_fraction": "gristmill.selectors.top_fraction:TopFraction",
     # scorers
