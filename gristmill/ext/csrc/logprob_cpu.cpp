@@ -1,0 +1,209 @@
+// Batched token log-likelihood on the CPU, in tokens x vocabulary tiles.
+//
+// For token i with hidden state h_i, target y_i and logits z_iv = h_i . w_v + b_v:
+//
+//     log p(y_i) = z_{i,y_i} - (m_i + log s_i),
+//
+// where m_i and s_i are the running maximum and running sum of exp(z_iv - m_i)
+// over the vocabulary tiles seen so far (online log-sum-exp, Milakov & Gimelshein
+// 2018; the tiling of Cut Cross-Entropy, Wijmans et al. 2024):
+//
+//     m' = max(m, max_v z_v),   s' = s * exp(m - m') + sum_v exp(z_v - m').
+//
+// A tile of logits is one small fp32 matrix product (at::mm, i.e. the BLAS the
+// naive path also uses) written into a buffer that stays in cache, so the only
+// memory beyond the inputs is that buffer plus m, s and the target logit per token.
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+namespace {
+
+// exp(x) for x <= 0 in a form the compiler vectorizes (std::exp does not without
+// -ffast-math): x = n ln2 + r with |r| <= ln2/2, exp(r) by the Cephes expf
+// polynomial (relative error ~1 ulp), 2^n built in the exponent bits. Arguments
+// below -87.3 are clamped so 2^n stays a normal float; exp(-87.3) ~ 1e-38 is
+// negligible next to s >= 1 (the maximum itself contributes exp(0) = 1).
+inline float exp_nonpositive(float x) {
+  x = x < -87.3f ? -87.3f : x;
+  const float magic = 12582912.0f;  // 1.5 * 2^23: adding and subtracting rounds to an integer
+  const float n = (x * 1.44269504088896341f + magic) - magic;
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return y * scale;
+}
+
+constexpr int kLanes = 8;  // independent accumulators: lets the reductions vectorize
+
+inline float row_max(const float* z, int64_t cols) {
+  float lanes[kLanes];
+  for (int k = 0; k < kLanes; ++k) lanes[k] = -std::numeric_limits<float>::infinity();
+  int64_t j = 0;
+  for (; j + kLanes <= cols; j += kLanes) {
+    for (int k = 0; k < kLanes; ++k) lanes[k] = z[j + k] > lanes[k] ? z[j + k] : lanes[k];
+  }
+  float result = lanes[0];
+  for (int k = 1; k < kLanes; ++k) result = std::max(result, lanes[k]);
+  for (; j < cols; ++j) result = std::max(result, z[j]);
+  return result;
+}
+
+inline float row_sum_exp(const float* z, int64_t cols, float shift) {
+  float lanes[kLanes] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  int64_t j = 0;
+  for (; j + kLanes <= cols; j += kLanes) {
+    for (int k = 0; k < kLanes; ++k) lanes[k] += exp_nonpositive(z[j + k] - shift);
+  }
+  float result = 0.f;
+  for (int k = 0; k < kLanes; ++k) result += lanes[k];
+  for (; j < cols; ++j) result += exp_nonpositive(z[j] - shift);
+  return result;
+}
+
+// Fold one tile row of logits into the running (m, s) of its token.
+inline void online_lse_update(const float* z, int64_t cols, float& m, float& s) {
+  const float m_new = std::max(m, row_max(z, cols));
+  // m = -inf on the first tile: exp_nonpositive clamps, and s is 0 there anyway.
+  s = s * exp_nonpositive(m - m_new) + row_sum_exp(z, cols, m_new);
+  m = m_new;
+}
+
+// A float view of `cols` logits: the data itself for fp32, else upcast into `chunk`.
+inline const float* as_float(const float* z, int64_t, float*) { return z; }
+
+template <typename T>
+inline const float* as_float(const T* z, int64_t cols, float* chunk) {
+  for (int64_t j = 0; j < cols; ++j) chunk[j] = static_cast<float>(z[j]);
+  return chunk;
+}
+
+void check_targets(const at::Tensor& targets, int64_t n) {
+  TORCH_CHECK(targets.dim() == 1 && targets.size(0) == n, "targets must have shape [", n, "]");
+  TORCH_CHECK(targets.scalar_type() == at::kLong, "targets must be int64");
+  TORCH_CHECK(targets.is_contiguous(), "targets must be contiguous");
+}
+
+at::Tensor token_logprobs(const at::Tensor& hidden, const at::Tensor& weight,
+                          const at::Tensor& targets, const c10::optional<at::Tensor>& bias,
+                          int64_t ignore_index, int64_t token_tile, int64_t vocab_tile) {
+  TORCH_CHECK(hidden.device().is_cpu() && weight.device().is_cpu(), "CPU tensors expected");
+  TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2 && hidden.size(1) == weight.size(1),
+              "hidden must be [N, d] and weight [V, d]");
+  TORCH_CHECK(hidden.scalar_type() == weight.scalar_type(), "hidden and weight dtypes differ");
+  TORCH_CHECK(token_tile >= 1 && vocab_tile >= 1, "token_tile and vocab_tile must be >= 1");
+  const int64_t n = hidden.size(0);
+  const int64_t vocab = weight.size(0);
+  check_targets(targets, n);
+  const auto f32 = hidden.options().dtype(at::kFloat);
+  at::Tensor out = at::zeros({n}, f32);
+  if (n == 0) return out;
+
+  // fp32 copies of the (small) hidden states and bias; the weight is upcast per tile.
+  const at::Tensor h32 = hidden.to(at::kFloat).contiguous();
+  at::Tensor b32;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == vocab, "bias must have shape [V]");
+    b32 = bias->to(at::kFloat).contiguous();
+  }
+  const int64_t tt = std::min(token_tile, n);
+  const int64_t vt_max = std::min(vocab_tile, vocab);
+  at::Tensor buffer = at::empty({tt * vt_max}, f32);
+  std::vector<float> run_max(n, -std::numeric_limits<float>::infinity());
+  std::vector<float> run_sum(n, 0.f);
+  std::vector<float> target_logit(n, 0.f);
+  const int64_t* y = targets.data_ptr<int64_t>();
+
+  // Vocabulary outside, tokens inside: each weight tile is read (and upcast) once,
+  // the hidden states, far smaller than the weight, are re-read per vocabulary tile.
+  for (int64_t v0 = 0; v0 < vocab; v0 += vocab_tile) {
+    const int64_t vt = std::min(vocab_tile, vocab - v0);
+    const at::Tensor w_tile = weight.narrow(0, v0, vt).to(at::kFloat);
+    for (int64_t t0 = 0; t0 < n; t0 += tt) {
+      const int64_t nt = std::min(tt, n - t0);
+      at::Tensor z = buffer.narrow(0, 0, nt * vt).view({nt, vt});
+      if (b32.defined()) {
+        at::addmm_out(z, b32.narrow(0, v0, vt), h32.narrow(0, t0, nt), w_tile.t());
+      } else {
+        at::mm_out(z, h32.narrow(0, t0, nt), w_tile.t());
+      }
+      const float* zp = z.data_ptr<float>();
+      at::parallel_for(0, nt, 16, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          const int64_t i = t0 + r;
+          const float* row = zp + r * vt;
+          online_lse_update(row, vt, run_max[i], run_sum[i]);
+          const int64_t local = y[i] - v0;
+          if (y[i] != ignore_index && local >= 0 && local < vt) target_logit[i] = row[local];
+        }
+      });
+    }
+  }
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, n, 1024, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      if (y[i] != ignore_index) o[i] = target_logit[i] - (run_max[i] + std::log(run_sum[i]));
+    }
+  });
+  return out;
+}
+
+at::Tensor token_logprobs_from_logits(const at::Tensor& logits, const at::Tensor& targets,
+                                      int64_t ignore_index) {
+  TORCH_CHECK(logits.device().is_cpu(), "CPU tensor expected");
+  TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous(), "logits must be a contiguous [N, V]");
+  const int64_t n = logits.size(0);
+  const int64_t vocab = logits.size(1);
+  check_targets(targets, n);
+  at::Tensor out = at::zeros({n}, logits.options().dtype(at::kFloat));
+  const int64_t* y = targets.data_ptr<int64_t>();
+  float* o = out.data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, logits.scalar_type(), "token_logprobs_from_logits", [&] {
+        const scalar_t* base = logits.data_ptr<scalar_t>();
+        at::parallel_for(0, n, 4, [&](int64_t begin, int64_t end) {
+          // Reduced-precision rows are upcast a chunk at a time into this buffer.
+          constexpr int64_t kChunk = 2048;
+          float chunk[kChunk];
+          for (int64_t i = begin; i < end; ++i) {
+            if (y[i] == ignore_index) continue;
+            const scalar_t* row = base + i * vocab;
+            float m = -std::numeric_limits<float>::infinity();
+            float s = 0.f;
+            for (int64_t c0 = 0; c0 < vocab; c0 += kChunk) {
+              const int64_t cols = std::min(kChunk, vocab - c0);
+              online_lse_update(as_float(row + c0, cols, chunk), cols, m, s);
+            }
+            o[i] = static_cast<float>(row[y[i]]) - (m + std::log(s));
+          }
+        });
+      });
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.def("token_logprobs", &token_logprobs, "log p(target) per token from hidden states",
+             py::arg("hidden"), py::arg("weight"), py::arg("targets"), py::arg("bias"),
+             py::arg("ignore_index"), py::arg("token_tile") = 512, py::arg("vocab_tile") = 1024);
+  module.def("token_logprobs_from_logits", &token_logprobs_from_logits,
+             "log p(target) per token from logits", py::arg("logits"), py::arg("targets"),
+             py::arg("ignore_index"));
+}
