@@ -17,7 +17,6 @@ import io
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -188,11 +187,49 @@ class _Normalizer:
         return pa.schema(uniq)
 
 
-def _open_binary(path: str) -> io.BufferedIOBase:
+class _ZstdStream(io.RawIOBase):
+    """Multi-frame zstd decompression that notices a truncated last frame.
+
+    ``ZstdDecompressor().stream_reader`` returns EOF quietly when the input
+    ends inside a frame; a truncated file must be reported, so we drive a
+    ``decompressobj`` per frame and check that the last one reached its end.
+    """
+
+    def __init__(self, path: str) -> None:
+        self._f = open(path, "rb")
+        self._dctx = zstandard.ZstdDecompressor()
+        self._obj = self._dctx.decompressobj()
+        self._in_frame = False
+
+    def read(self, n: int = -1) -> bytes:
+        out = bytearray()
+        while len(out) < max(n, 1):
+            chunk = self._f.read(1 << 20)
+            if not chunk:
+                if self._in_frame:
+                    raise EOFError("zstd stream ended inside a frame (truncated file)")
+                break
+            while chunk:
+                self._in_frame = True
+                out += self._obj.decompress(chunk)
+                if self._obj.eof:
+                    self._in_frame = False
+                    chunk = self._obj.unused_data
+                    self._obj = self._dctx.decompressobj()
+                else:
+                    chunk = b""
+        return bytes(out)
+
+    def close(self) -> None:
+        self._f.close()
+        super().close()
+
+
+def _open_binary(path: str) -> io.IOBase:
     if path.endswith(".gz"):
         return gzip.open(path, "rb")
     if path.endswith(".zst"):
-        return zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), read_across_frames=True)
+        return _ZstdStream(path)
     return open(path, "rb")
 
 

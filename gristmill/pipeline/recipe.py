@@ -108,7 +108,7 @@ class TokenizeSpec(_Model):
 class OutputSpec(_Model):
     path: str
     format: Literal["parquet", "jsonl"] = "parquet"
-    shard_size: int | str = "256MB"
+    shard_size: int | str = Field("256MB", validate_default=True)
     write_dropped: bool = Field(False, description="write id, stage and reason of every drop")
     tokenize: TokenizeSpec | None = None
 

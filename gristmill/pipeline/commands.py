@@ -1,0 +1,112 @@
+"""Core subcommands: run, check, inspect, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from gristmill.pipeline.recipe import RecipeError, check_recipe, load_recipe
+
+
+def _run(args: argparse.Namespace) -> int:
+    from gristmill.pipeline.runner import OutputLocked, run_recipe
+
+    try:
+        manifest = run_recipe(args.recipe, fresh=args.fresh, engine=args.engine,
+                              workers=args.workers, progress=not args.quiet)
+    except (RecipeError, OutputLocked) as e:
+        print(f"gristmill: {e}", file=sys.stderr)
+        return 2
+    _print_summary(manifest, Path(load_recipe(args.recipe).output_dir))
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    try:
+        recipe = load_recipe(args.recipe)
+        lines = check_recipe(recipe)
+    except RecipeError as e:
+        print(f"gristmill: {e}", file=sys.stderr)
+        return 2
+    print(f"{args.recipe}: OK")
+    for line in lines:
+        print(f"  {line}")
+    return 0
+
+
+def _print_summary(manifest: dict, out: Path) -> None:
+    c = manifest["counts"]
+    print(f"{manifest['name']}: read {c['read']:,}  kept {c['kept']:,}  dropped {c['dropped']:,}  "
+          f"rejected {c['rejected']:,}  ({'reconciled' if c['reconciled'] else 'NOT RECONCILED'})")
+    width = max([len(s["stage"]) for s in c["stages"]] + [5])
+    for s in c["stages"]:
+        reasons = ", ".join(f"{r}={n:,}" for r, n in s["dropped_by_reason"].items())
+        print(f"  {s['stage']:<{width}}  in {s['in']:>10,}  kept {s['kept']:>10,}"
+              f"  dropped {s['dropped']:>9,}  {reasons}")
+    total = sum(sh["bytes"] for sh in manifest["shards"])
+    print(f"  shards: {len(manifest['shards'])} ({total / 1e6:,.1f} MB) in {out / 'shards'}")
+    if manifest.get("rejects"):
+        print(f"  rejects: {c['rejected']:,} records in {out / 'rejects'}")
+    bad = [f for f in manifest["files"] if f.get("status") not in (None, "ok")]
+    for f in bad:
+        print(f"  file {f['path']}: {f['status']} ({f.get('error')})")
+    if (out / "report.html").exists():
+        print(f"  report: {out / 'report.html'}")
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    out = Path(args.output)
+    path = out / "manifest.json"
+    if not path.exists():
+        partial = (out / "_work").exists()
+        print(f"gristmill: no manifest in {out}"
+              + (" (a run is in progress or was interrupted; run it again to resume)"
+                 if partial else ""), file=sys.stderr)
+        return 2
+    manifest = json.loads(path.read_text())
+    if args.json:
+        print(json.dumps(manifest["counts"], indent=2))
+        return 0
+    _print_summary(manifest, out)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from gristmill.pipeline.demo import run_demo
+
+    return run_demo(Path(args.root), engine=args.engine, workers=args.workers)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="run a recipe (resumes an interrupted run by default)",
+                       description="Run a recipe end to end. An interrupted run in the same "
+                       "output folder is resumed; --fresh starts over.")
+    p.add_argument("recipe", help="path to a YAML recipe")
+    p.add_argument("--engine", choices=["local", "dask", "beam"], help="override engine.kind")
+    p.add_argument("--workers", type=int, help="override engine.workers")
+    p.add_argument("--fresh", action="store_true", help="delete earlier output and start over")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_run)
+
+    p = sub.add_parser("check", help="validate a recipe and its inputs without reading data",
+                       description="Validate the recipe (fields, stage parameters, columns) and "
+                       "that every input exists. Reads no data. Exit 2 on an error.")
+    p.add_argument("recipe")
+    p.set_defaults(func=_check)
+
+    p = sub.add_parser("inspect", help="counts, shards and rejects of a finished output",
+                       description="Summarize an output folder from its manifest: counts per "
+                       "stage with drop reasons, shards, bytes, rejects.")
+    p.add_argument("output", help="the output folder of a run")
+    p.add_argument("--json", action="store_true", help="print the counts as JSON")
+    p.set_defaults(func=_inspect)
+
+    p = sub.add_parser("demo", help="build the demo corpus and run recipes/demo.yaml",
+                       description="Build a small multi-domain corpus from the Python standard "
+                       "library (no network) and run the demo recipe on it.")
+    p.add_argument("--root", default=".", help="repository root (holds recipes/demo.yaml)")
+    p.add_argument("--engine", choices=["local", "dask", "beam"])
+    p.add_argument("--workers", type=int)
+    p.set_defaults(func=_demo)

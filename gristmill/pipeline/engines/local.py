@@ -1,0 +1,298 @@
+"""The local engine: one process, or a process pool with ``workers: N``.
+
+Work is cut into tasks (one per input file) and segments (stages between two
+barriers, see ``execution.plan_segments``). Each (segment, task) writes its
+output under ``OUTPUT/_work`` atomically and then a ``done`` marker; a resumed
+run skips every task whose marker exists. Between segments rows are spilled
+as Arrow IPC files, so a global stage sees the rows exactly as the earlier
+stages left them and no stage is recomputed. Shuffle keys are spilled into
+``shuffle_partitions`` files per task (``key % P``), so memory stays bounded
+by one partition.
+
+Task order, not worker order, decides every output name, so ``workers: 1``
+and ``workers: N`` write the same bytes.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import multiprocessing as mp
+import os
+import pickle
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from gristmill.pipeline.execution import (
+    Segment,
+    TaskStats,
+    partition_keys,
+    plan_segments,
+    run_segment_batch,
+)
+from gristmill.pipeline.readers import FileReport, InputTask, read_task
+from gristmill.pipeline.recipe import Recipe
+from gristmill.pipeline.stage import DROPPED_SCHEMA, GlobalStage, ShuffleStage, Stage, merge_all
+from gristmill.pipeline.writers import ShardWriter, atomic_write_bytes, atomic_write_json, tmp_name
+
+
+@dataclass
+class TaskResult:
+    """What one task produced across all segments (json-serializable)."""
+
+    index: int
+    file: dict[str, Any] = field(default_factory=dict)
+    stats: TaskStats = field(default_factory=TaskStats)
+    shards: list[dict[str, Any]] = field(default_factory=list)
+    rejects_file: str | None = None
+    dropped_files: list[str] = field(default_factory=list)
+
+
+@dataclass
+class EngineResult:
+    tasks: list[TaskResult]
+    artifacts: dict[str, dict[str, bytes]]
+    final_dir: Path
+
+
+# ---------------------------------------------------------------------------
+# per-process caches: stages are built and set up once per worker process
+
+_STAGE_CACHE: dict[str, list[Stage]] = {}
+_SETUP_DONE: set[tuple[str, str]] = set()
+_STATE_CACHE: dict[str, Any] = {}
+
+
+def _stages_for(recipe: Recipe, segment_index: int) -> tuple[Segment, list[Stage]]:
+    key = recipe.fingerprint()
+    if key not in _STAGE_CACHE:
+        _STAGE_CACHE[key] = recipe.build_stages()
+    stages = _STAGE_CACHE[key]
+    segment = plan_segments(stages)[segment_index]
+    for st in segment.rows + ([segment.exit] if segment.exit else []):
+        if (key, st.name) not in _SETUP_DONE:
+            st.setup()
+            _SETUP_DONE.add((key, st.name))
+    return segment, stages
+
+
+def _load_state(path: Path) -> Any:
+    key = str(path)
+    if key not in _STATE_CACHE:
+        with open(path, "rb") as f:
+            _STATE_CACHE[key] = pickle.load(f)
+    return _STATE_CACHE[key]
+
+
+def task_dir(work: Path, segment: int, task: int) -> Path:
+    return work / f"seg{segment:02d}" / f"task-{task:05d}"
+
+
+def _input_batches(recipe: Recipe, work: Path, segment: Segment, task: InputTask,
+                   report: FileReport, stats: TaskStats):
+    if segment.index == 0:
+        spec = recipe.sources[task.source_index]
+        for batch in read_task(task, spec, report, recipe.engine.batch_size):
+            stats.observe(batch, "in")
+            yield batch
+        return
+    spill = task_dir(work, segment.index - 1, task.index) / "rows.arrow"
+    if not spill.exists():
+        return
+    with pa.memory_map(str(spill)) as source:
+        reader = pa.ipc.open_file(source)
+        for i in range(reader.num_record_batches):
+            yield pa.Table.from_batches([reader.get_batch(i)])
+
+
+def run_task(recipe: Recipe, work: Path, segment_index: int, task: InputTask) -> dict[str, Any]:
+    """Run one task through one segment; idempotent (skips when its marker exists)."""
+    out = task_dir(work, segment_index, task.index)
+    marker = out / "done.json"
+    if marker.exists():
+        return json.loads(marker.read_text())
+    if out.exists():
+        shutil.rmtree(out)  # leftovers of a killed attempt
+    out.mkdir(parents=True)
+    segment, _ = _stages_for(recipe, segment_index)
+    entry_state = None
+    if segment.entry is not None:
+        entry_state = _load_state(work / f"seg{segment.index - 1:02d}" / "state.pkl")
+    report = FileReport(path=task.path)
+    stats = TaskStats()
+    dropped: list[pa.Table] | None = [] if recipe.output.write_dropped else None
+    summary = None
+    key_writers: list[pa.ipc.RecordBatchStreamWriter | None] = []
+    shard_writer = None
+    spill_writer = None
+    spill_sink = None
+    P = recipe.engine.shuffle_partitions
+    if segment.is_last:
+        shard_writer = ShardWriter(out / "shards", recipe.output.format, recipe.output.shard_size)
+    elif isinstance(segment.exit, ShuffleStage):
+        key_writers = [None] * P
+    rows_out = 0
+    for batch in _input_batches(recipe, work, segment, task, report, stats):
+        batch = run_segment_batch(segment, batch, entry_state, stats, dropped)
+        if batch.num_rows == 0:
+            continue
+        rows_out += batch.num_rows
+        if segment.is_last:
+            stats.observe(batch, "out")
+            shard_writer.write(batch)
+            continue
+        if spill_writer is None:
+            spill_sink = pa.OSFile(str(tmp_name(out / "rows.arrow")), "wb")
+            spill_writer = pa.ipc.new_file(spill_sink, batch.schema)
+        spill_writer.write_table(batch)
+        if isinstance(segment.exit, GlobalStage):
+            s = segment.exit.summarize(batch)
+            summary = s if summary is None else segment.exit.merge(summary, s)
+        else:
+            for p, part in enumerate(partition_keys(segment.exit.keys(batch), P)):
+                if part.num_rows == 0:
+                    continue
+                if key_writers[p] is None:
+                    sink = pa.OSFile(str(tmp_name(out / f"keys-{p:04d}.arrow")), "wb")
+                    key_writers[p] = (sink, pa.ipc.new_stream(sink, part.schema))
+                key_writers[p][1].write_table(part)
+    result: dict[str, Any] = {"index": task.index, "rows_out": rows_out}
+    if spill_writer is not None:
+        spill_writer.close()
+        spill_sink.close()
+        os.replace(tmp_name(out / "rows.arrow"), out / "rows.arrow")
+    for p, pair in enumerate(key_writers):
+        if pair is not None:
+            pair[1].close()
+            pair[0].close()
+            os.replace(tmp_name(out / f"keys-{p:04d}.arrow"), out / f"keys-{p:04d}.arrow")
+    if isinstance(segment.exit, GlobalStage):
+        atomic_write_bytes(out / "summary.pkl", pickle.dumps(summary))
+    if shard_writer is not None:
+        result["shards"] = [s.to_dict() for s in shard_writer.close()]
+    if dropped:
+        table = pa.concat_tables(dropped).cast(DROPPED_SCHEMA)
+        tmp = tmp_name(out / "dropped.parquet")
+        pq.write_table(table, tmp, compression="zstd")
+        os.replace(tmp, out / "dropped.parquet")
+        result["dropped_file"] = str(out / "dropped.parquet")
+    if segment.index == 0:
+        if report.rejects:
+            body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in report.rejects)
+            atomic_write_bytes(out / "rejects.jsonl", body.encode())
+            result["rejects_file"] = str(out / "rejects.jsonl")
+        result["file"] = {k: v for k, v in report.__dict__.items() if k != "rejects"}
+    result["stats"] = stats.to_json()
+    atomic_write_json(marker, result)
+    return result
+
+
+def finish_barrier(recipe: Recipe, work: Path, segment: Segment, tasks: list[InputTask],
+                   stage: Stage) -> Any:
+    """Merge summaries (global) or reduce and resolve keys (shuffle); save the state."""
+    seg_dir = work / f"seg{segment.index:02d}"
+    state_path = seg_dir / "state.pkl"
+    if state_path.exists():
+        return _load_state(state_path)
+    if isinstance(stage, GlobalStage):
+        summaries = []
+        for t in tasks:
+            with open(task_dir(work, segment.index, t.index) / "summary.pkl", "rb") as f:
+                summaries.append(pickle.load(f))
+        state = stage.finalize(merge_all(stage, summaries))
+    else:
+        reduced = []
+        for p in range(recipe.engine.shuffle_partitions):
+            parts = []
+            for t in tasks:
+                f = task_dir(work, segment.index, t.index) / f"keys-{p:04d}.arrow"
+                if f.exists():
+                    with pa.OSFile(str(f), "rb") as src:
+                        parts.append(pa.ipc.open_stream(src).read_all())
+            if parts:
+                r = stage.reduce(pa.concat_tables(parts))
+                if r is not None and r.num_rows:
+                    reduced.append(r)
+        state = stage.resolve(pa.concat_tables(reduced) if reduced else None)
+    atomic_write_bytes(state_path, pickle.dumps(state))
+    return state
+
+
+class LocalEngine:
+    """Runs every segment's tasks in this process or in a spawn-started pool."""
+
+    name = "local"
+
+    def __init__(self, recipe: Recipe, progress: bool = True) -> None:
+        self.recipe = recipe
+        self.progress = progress
+
+    def _map(self, segment_index: int, tasks: list[InputTask], work: Path,
+             desc: str) -> list[dict[str, Any]]:
+        workers = min(self.recipe.engine.workers, max(len(tasks), 1))
+        total_bytes = sum(t.size for t in tasks) if segment_index == 0 else 0
+        bar = tqdm(total=len(tasks), desc=desc, unit="task", disable=not self.progress,
+                   dynamic_ncols=True)
+        start = time.monotonic()
+        rows = 0
+        done_bytes = 0
+        results: dict[int, dict[str, Any]] = {}
+
+        def tick(t: InputTask, res: dict[str, Any]) -> None:
+            nonlocal rows, done_bytes
+            results[t.index] = res
+            rows += res.get("file", {}).get("records", res["rows_out"])
+            done_bytes += t.size if segment_index == 0 else 0
+            el = max(time.monotonic() - start, 1e-9)
+            post = {"rec/s": f"{rows / el:,.0f}"}
+            if total_bytes:
+                post["MB/s"] = f"{done_bytes / el / 1e6:,.1f}"
+            bar.set_postfix(post)
+            bar.update(1)
+
+        if workers <= 1:
+            for t in tasks:
+                tick(t, run_task(self.recipe, work, segment_index, t))
+        else:
+            ctx = mp.get_context("spawn")
+            with cf.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+                futs = {pool.submit(run_task, self.recipe, work, segment_index, t): t
+                        for t in tasks}
+                for fut in cf.as_completed(futs):
+                    tick(futs[fut], fut.result())
+        bar.close()
+        return [results[t.index] for t in tasks]
+
+    def execute(self, tasks: list[InputTask], work: Path) -> EngineResult:
+        stages = self.recipe.build_stages()
+        segments = plan_segments(stages)
+        per_task = [TaskResult(index=t.index) for t in tasks]
+        artifacts: dict[str, dict[str, bytes]] = {}
+        for seg in segments:
+            names = [s.name for s in seg.stages] + ([seg.exit.name] if seg.exit else [])
+            desc = f"segment {seg.index + 1}/{len(segments)} [{', '.join(names) or 'write'}]"
+            results = self._map(seg.index, tasks, work, desc)
+            for tr, res in zip(per_task, results, strict=True):
+                tr.stats.merge(TaskStats.from_json(res["stats"]))
+                if seg.index == 0:
+                    tr.file = res.get("file", {})
+                    tr.rejects_file = res.get("rejects_file")
+                if res.get("dropped_file"):
+                    tr.dropped_files.append(res["dropped_file"])
+                if seg.is_last:
+                    tr.shards = res.get("shards", [])
+            if seg.exit is not None:
+                exit_stage = next(s for s in stages if s.name == seg.exit.name)
+                state = finish_barrier(self.recipe, work, seg, tasks, exit_stage)
+                files = exit_stage.artifacts(state)
+                if files:
+                    artifacts[exit_stage.name] = files
+        return EngineResult(tasks=per_task, artifacts=artifacts,
+                            final_dir=work / f"seg{len(segments) - 1:02d}")

@@ -1,0 +1,182 @@
+"""Engine-independent execution: how stages are cut into segments, how a batch
+goes through a segment, and the mergeable counts and statistics of a task.
+
+Every engine (local, dask, beam) uses these pieces, so the same stage objects
+run the same way everywhere. A *segment* is the run of row-local stages
+between two barriers (global or shuffle stages)::
+
+    [entry.apply] -> row stages ... -> [exit.summarize | exit.keys]
+
+The first segment starts at the readers; the last one ends at the writer.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from gristmill.pipeline.stage import GlobalStage, RowStage, ShuffleStage, Stage, StageOutput
+
+# log-spaced character-length bins shared by every histogram, so they merge
+LENGTH_BINS = np.unique(np.round(np.logspace(0, 7, 71))).astype(np.int64)
+LENGTH_BINS = np.concatenate([[0], LENGTH_BINS])
+
+
+@dataclass
+class Segment:
+    index: int
+    entry: Stage | None  # barrier whose apply() starts the segment
+    rows: list[RowStage]
+    exit: Stage | None  # barrier summarized (global) or keyed (shuffle) at the end
+
+    @property
+    def stages(self) -> list[Stage]:
+        return ([self.entry] if self.entry else []) + list(self.rows)
+
+    @property
+    def is_last(self) -> bool:
+        return self.exit is None
+
+
+def plan_segments(stages: list[Stage]) -> list[Segment]:
+    """Cut the stage list at every global or shuffle stage."""
+    segments: list[Segment] = []
+    entry: Stage | None = None
+    rows: list[RowStage] = []
+    for stage in stages:
+        if isinstance(stage, (GlobalStage, ShuffleStage)):
+            segments.append(Segment(len(segments), entry, rows, stage))
+            entry, rows = stage, []
+        elif isinstance(stage, RowStage):
+            rows.append(stage)
+        else:
+            raise TypeError(f"stage {stage.name!r} is neither row, global nor shuffle")
+    segments.append(Segment(len(segments), entry, rows, None))
+    return segments
+
+
+def text_lengths(batch: pa.Table) -> np.ndarray:
+    col = "text" if "text" in batch.column_names else "prompt"
+    return pc.utf8_length(batch.column(col)).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+@dataclass
+class TaskStats:
+    """Counts and statistics of one task in one segment; merge() is associative."""
+
+    counts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    length_hist_in: np.ndarray | None = None
+    length_hist_out: np.ndarray | None = None
+    domains_in: dict[str, list[int]] = field(default_factory=dict)
+    domains_out: dict[str, list[int]] = field(default_factory=dict)
+
+    def count(self, stage: str, n_in: int, out: StageOutput) -> None:
+        c = self.counts.setdefault(stage, {"in": 0, "kept": 0, "dropped": {}})
+        c["in"] += n_in
+        c["kept"] += out.kept.num_rows
+        if out.dropped.num_rows:
+            vc = pc.value_counts(out.dropped.column("reason")).to_pylist()
+            for item in vc:
+                c["dropped"][item["values"]] = c["dropped"].get(item["values"], 0) + item["counts"]
+
+    def observe(self, batch: pa.Table, where: str) -> None:
+        """Length histogram and per-domain docs/chars, at the input or the output."""
+        lengths = text_lengths(batch)
+        hist = np.histogram(lengths, bins=np.append(LENGTH_BINS, np.iinfo(np.int64).max))[0]
+        attr = f"length_hist_{where}"
+        cur = getattr(self, attr)
+        setattr(self, attr, hist if cur is None else cur + hist)
+        doms = getattr(self, f"domains_{where}")
+        dom_col = batch.column("domain").to_pylist() if "domain" in batch.column_names else None
+        if dom_col is None:
+            dom_col = [None] * batch.num_rows
+        agg: dict[str, list[int]] = {}
+        for d, n in zip(dom_col, lengths.tolist(), strict=True):
+            key = d if d is not None else "(none)"
+            a = agg.setdefault(key, [0, 0])
+            a[0] += 1
+            a[1] += n
+        for k, (docs, chars) in agg.items():
+            a = doms.setdefault(k, [0, 0])
+            a[0] += docs
+            a[1] += chars
+
+    def merge(self, other: TaskStats) -> TaskStats:
+        for stage, c in other.counts.items():
+            mine = self.counts.setdefault(stage, {"in": 0, "kept": 0, "dropped": {}})
+            mine["in"] += c["in"]
+            mine["kept"] += c["kept"]
+            for r, n in c["dropped"].items():
+                mine["dropped"][r] = mine["dropped"].get(r, 0) + n
+        for where in ("in", "out"):
+            h = getattr(other, f"length_hist_{where}")
+            if h is not None:
+                cur = getattr(self, f"length_hist_{where}")
+                setattr(self, f"length_hist_{where}", np.array(h) if cur is None
+                        else np.asarray(cur) + np.asarray(h))
+            for k, (docs, chars) in getattr(other, f"domains_{where}").items():
+                a = getattr(self, f"domains_{where}").setdefault(k, [0, 0])
+                a[0] += docs
+                a[1] += chars
+        return self
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "counts": self.counts,
+            "length_hist_in": None if self.length_hist_in is None else
+            np.asarray(self.length_hist_in).tolist(),
+            "length_hist_out": None if self.length_hist_out is None else
+            np.asarray(self.length_hist_out).tolist(),
+            "domains_in": self.domains_in,
+            "domains_out": self.domains_out,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> TaskStats:
+        return cls(counts=d["counts"],
+                   length_hist_in=None if d["length_hist_in"] is None
+                   else np.asarray(d["length_hist_in"]),
+                   length_hist_out=None if d["length_hist_out"] is None
+                   else np.asarray(d["length_hist_out"]),
+                   domains_in={k: list(v) for k, v in d["domains_in"].items()},
+                   domains_out={k: list(v) for k, v in d["domains_out"].items()})
+
+
+def run_segment_batch(segment: Segment, batch: pa.Table, entry_state: Any, stats: TaskStats,
+                      dropped: list[pa.Table] | None) -> pa.Table:
+    """Send one batch through the segment's entry apply and row stages; return the kept rows."""
+    for stage in segment.stages:
+        if batch.num_rows == 0:
+            break
+        n_in = batch.num_rows
+        if stage is segment.entry:
+            out = stage.apply(batch, entry_state)  # type: ignore[union-attr]
+        else:
+            out = stage.process(batch)  # type: ignore[union-attr]
+        stats.count(stage.name, n_in, out)
+        if dropped is not None and out.dropped.num_rows:
+            dropped.append(out.dropped)
+        batch = out.kept
+    return batch
+
+
+def partition_keys(keys: pa.Table, partitions: int) -> list[pa.Table]:
+    """Split a keys table by ``key % partitions`` (whole groups land together)."""
+    k = keys.column("key").to_numpy(zero_copy_only=False).astype(np.uint64)
+    part = (k % np.uint64(partitions)).astype(np.int64)
+    order = np.argsort(part, kind="stable")
+    bounds = np.searchsorted(part[order], np.arange(partitions + 1))
+    taken = keys.take(pa.array(order))
+    return [taken.slice(bounds[p], bounds[p + 1] - bounds[p]) for p in range(partitions)]
+
+
+def reason_totals(counts: dict[str, dict[str, Any]]) -> Counter:
+    total: Counter = Counter()
+    for c in counts.values():
+        total.update(c["dropped"])
+    return total

@@ -1,0 +1,290 @@
+"""Run a recipe: check, lock, resume, execute on an engine, commit, report.
+
+The output folder::
+
+    OUTPUT/
+      shards/part-NNNNN.parquet   kept records (zstd, size-capped)
+      manifest.json               shards with rows/bytes/sha256, schema, recipe, counts
+      stats.json, report.html     funnel, histograms, domain shares
+      rejects/                    unparseable input, with file, line and reason
+      dropped/                    id, stage and reason of every drop (write_dropped)
+      artifacts/<stage>/          files a global stage published (schedules, ...)
+      tokenized/                  Megatron .bin/.idx token shards (output.tokenize)
+      _work/                      in-progress state; removed when the run completes
+
+A run killed at any point and started again skips completed tasks and ends
+with the same output as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+import gristmill
+from gristmill.pipeline.engines.local import EngineResult, LocalEngine
+from gristmill.pipeline.execution import LENGTH_BINS, TaskStats, reason_totals
+from gristmill.pipeline.readers import InputTask
+from gristmill.pipeline.recipe import Recipe, RecipeError, check_recipe, load_recipe
+from gristmill.pipeline.writers import atomic_write_bytes, atomic_write_json
+
+OUTPUT_ENTRIES = ("shards", "rejects", "dropped", "artifacts", "tokenized", "_work",
+                  "manifest.json", "stats.json", "report.html")
+
+
+class OutputLocked(RuntimeError):
+    """Another live run holds the output folder."""
+
+
+class OutputLock:
+    """An exclusive lock file in the output folder, with the holder's pid and host.
+
+    A lock whose process is gone (killed) is stale and taken over; a live one
+    makes the second run refuse rather than interleave.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / ".gristmill.lock"
+        self.held = False
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    other = json.loads(self.path.read_text() or "{}")
+                except (OSError, json.JSONDecodeError):
+                    other = {}
+                if other and self._alive(other):
+                    raise OutputLocked(
+                        f"output folder {self.path.parent} is in use by another gristmill run "
+                        f"(pid {other.get('pid')} on {other.get('host')}); wait for it to finish. "
+                        f"If that process is gone, delete {self.path}") from None
+                self.path.unlink(missing_ok=True)  # stale: its process was killed
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return
+        raise OutputLocked(f"could not take the lock {self.path}")
+
+    @staticmethod
+    def _alive(info: dict[str, Any]) -> bool:
+        if info.get("host") != socket.gethostname():
+            return True  # cannot tell for another host: assume alive
+        try:
+            os.kill(int(info["pid"]), 0)
+        except (ProcessLookupError, ValueError, KeyError):
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+    def __enter__(self) -> OutputLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def list_tasks(recipe: Recipe) -> list[InputTask]:
+    tasks = []
+    for i in range(len(recipe.sources)):
+        for path, fmt in recipe.source_files(i):
+            tasks.append(InputTask(index=len(tasks), source_index=i, path=str(path), format=fmt,
+                                   label=recipe.source_label(i, path),
+                                   size=path.stat().st_size))
+    return tasks
+
+
+def make_engine(recipe: Recipe, progress: bool):
+    kind = recipe.engine.kind
+    if kind == "local":
+        return LocalEngine(recipe, progress=progress)
+    if kind == "dask":
+        from gristmill.pipeline.engines.dask import DaskEngine
+
+        return DaskEngine(recipe, progress=progress)
+    if kind == "beam":
+        from gristmill.pipeline.engines.beam import BeamEngine
+
+        return BeamEngine(recipe, progress=progress)
+    raise RecipeError(f"recipe error at engine.kind: {kind!r}; valid: local, dask, beam")
+
+
+def _clear_output(out: Path) -> None:
+    for name in OUTPUT_ENTRIES:
+        p = out / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+
+
+def _move(src: Path, dst: Path) -> None:
+    """Idempotent commit move: done when the source is gone and the target is there."""
+    if src.exists():
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(src, dst)
+    elif not dst.exists():
+        raise RuntimeError(f"lost output: neither {src} nor {dst} exists")
+
+
+def run_recipe(recipe: Recipe | str | Path, *, fresh: bool = False, engine: str | None = None,
+               workers: int | None = None, progress: bool = True,
+               report: bool = True) -> dict[str, Any]:
+    """Run a recipe to completion and return its manifest.
+
+    Parameters
+    ----------
+    recipe : Recipe or path to a YAML recipe
+    fresh : delete any earlier output or partial run in the output folder first
+    engine, workers : override ``engine.kind`` / ``engine.workers``
+    progress : show progress bars
+    report : write ``report.html`` (plots) beside ``stats.json``
+    """
+    overrides: dict[str, Any] = {}
+    if engine is not None:
+        overrides["engine.kind"] = engine
+    if workers is not None:
+        overrides["engine.workers"] = workers
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe, overrides)
+    elif overrides:
+        eng = recipe.engine.model_copy(update={k.split(".")[1]: v for k, v in overrides.items()})
+        recipe = recipe.model_copy(update={"engine": eng})
+    check_recipe(recipe)  # everything checkable before any data is read
+    out = recipe.output_dir
+    fingerprint = recipe.fingerprint()
+    t0 = time.time()
+    with OutputLock(out):
+        if fresh:
+            _clear_output(out)
+        manifest_path = out / "manifest.json"
+        work = out / "_work"
+        run_info = work / "run.json"
+        if manifest_path.exists():
+            old = json.loads(manifest_path.read_text())
+            if old.get("fingerprint") != fingerprint:
+                raise RecipeError(
+                    f"{out} holds the output of a different recipe (fingerprint "
+                    f"{old.get('fingerprint', '?')[:12]} vs {fingerprint[:12]}); use --fresh to "
+                    f"replace it or choose another output.path")
+            if not work.exists():
+                return old  # complete already
+        if run_info.exists():
+            prev = json.loads(run_info.read_text()).get("fingerprint")
+            if prev != fingerprint:
+                raise RecipeError(
+                    f"{out} holds a partial run of a different recipe; use --fresh to start over")
+        atomic_write_json(run_info, {"fingerprint": fingerprint})
+        tasks = list_tasks(recipe)
+        result = make_engine(recipe, progress).execute(tasks, work)
+        manifest = _commit(recipe, out, tasks, result, fingerprint, t0)
+        if recipe.output.tokenize is not None:
+            _tokenize(recipe, out, manifest)
+        if report:
+            from gristmill.pipeline.report import write_report
+
+            write_report(out, manifest, json.loads((out / "stats.json").read_text()))
+        shutil.rmtree(work, ignore_errors=True)
+        return manifest
+
+
+def _commit(recipe: Recipe, out: Path, tasks: list[InputTask], result: EngineResult,
+            fingerprint: str, t0: float) -> dict[str, Any]:
+    shards: list[dict[str, Any]] = []
+    ext = "parquet" if recipe.output.format == "parquet" else "jsonl"
+    for tr in result.tasks:
+        for sh in tr.shards:
+            name = f"part-{len(shards):05d}.{ext}"
+            src = result.final_dir / f"task-{tr.index:05d}" / "shards" / sh["path"]
+            _move(src, out / "shards" / name)
+            shards.append({**sh, "path": f"shards/{name}"})
+    rejects_files, dropped_files = [], []
+    for tr in result.tasks:
+        if tr.rejects_file:
+            dst = out / "rejects" / f"part-{tr.index:05d}.jsonl"
+            _move(Path(tr.rejects_file), dst)
+            rejects_files.append(str(dst.relative_to(out)))
+        for f in tr.dropped_files:
+            seg = Path(f).parent.parent.name
+            dst = out / "dropped" / f"{seg}-task-{tr.index:05d}.parquet"
+            _move(Path(f), dst)
+            dropped_files.append(str(dst.relative_to(out)))
+    artifacts = []
+    for stage, files in result.artifacts.items():
+        for name, data in files.items():
+            dst = out / "artifacts" / stage / name
+            atomic_write_bytes(dst, data)
+            artifacts.append(str(dst.relative_to(out)))
+    stats = TaskStats()
+    for tr in result.tasks:
+        stats.merge(tr.stats)
+    files = [{**tr.file, "path": tasks[tr.index].label} for tr in result.tasks]
+    read = sum(f.get("records", 0) for f in files)
+    rejected = sum(f.get("rejected", 0) for f in files)
+    written = sum(s["rows"] for s in shards)
+    dropped = sum(reason_totals(stats.counts).values())
+    stage_counts = []
+    for spec_stage in recipe.build_stages():
+        c = stats.counts.get(spec_stage.name, {"in": 0, "kept": 0, "dropped": {}})
+        stage_counts.append({"stage": spec_stage.name, "type": spec_stage.type_name,
+                             "in": c["in"], "kept": c["kept"],
+                             "dropped": sum(c["dropped"].values()),
+                             "dropped_by_reason": dict(sorted(c["dropped"].items()))})
+    schema = []
+    if shards:
+        first = out / shards[0]["path"]
+        if recipe.output.format == "parquet":
+            schema = [{"name": f.name, "type": str(f.type)} for f in pq.read_schema(first)]
+    counts = {"read": read, "rejected": rejected, "dropped": dropped, "kept": written,
+              "reconciled": read == written + dropped + rejected, "stages": stage_counts}
+    manifest = {
+        "gristmill_version": gristmill.__version__,
+        "name": recipe.name,
+        "fingerprint": fingerprint,
+        "recipe": recipe.model_dump(mode="json", exclude={"base_dir"}),
+        "shards": shards,
+        "schema": schema,
+        "counts": counts,
+        "files": files,
+        "rejects": rejects_files,
+        "dropped": dropped_files,
+        "artifacts": sorted(artifacts),
+        "timings": {"finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    "seconds": round(time.time() - t0, 3), "engine": recipe.engine.kind,
+                    "workers": recipe.engine.workers},
+    }
+    stats_json = {"counts": counts, **stats.to_json(), "length_bins": LENGTH_BINS.tolist()}
+    atomic_write_json(out / "stats.json", stats_json)
+    atomic_write_json(out / "manifest.json", manifest)
+    return manifest
+
+
+def _tokenize(recipe: Recipe, out: Path, manifest: dict[str, Any]) -> None:
+    from gristmill.pipeline.tokenized import tokenize_shards
+
+    spec = recipe.output.tokenize
+    prefix = out / "tokenized" / "tokens"
+    if (prefix.parent / "DONE").exists():
+        return
+    tokenize_shards([out / s["path"] for s in manifest["shards"]],
+                    str(recipe.resolve(spec.tokenizer)), prefix, text_column=spec.text_column)
+    atomic_write_bytes(prefix.parent / "DONE", b"")
