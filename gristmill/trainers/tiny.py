@@ -53,7 +53,7 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int, path: str | Path) -> 
     Returns
     -------
     PreTrainedTokenizerFast
-        With ``bos_token``, ``eos_token`` and ``pad_token`` set. It adds no
+        Loaded back from ``path`` (so ``name_or_path`` is ``path``), with ``bos_token``, ``eos_token`` and ``pad_token`` set. It adds no
         special tokens when encoding; callers append ``eos`` where they want
         document boundaries.
     """
@@ -73,7 +73,9 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int, path: str | Path) -> 
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD)
     Path(path).mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(str(path))
-    return fast
+    # Reloaded so that ``name_or_path`` is the folder, which is what tokenized
+    # corpora record as their tokenizer.
+    return AutoTokenizer.from_pretrained(str(path))
 
 
 def tiny_lm_config(
