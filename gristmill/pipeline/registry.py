@@ -13,6 +13,7 @@ from gristmill.pipeline.stage import Stage
 
 STAGES: dict[str, str] = {
     # selectors
+    "grape": "gristmill.selectors.grape:Grape",
     "exact_dedup": "gristmill.selectors.dedup:ExactDedup",
     "gopher": "gristmill.selectors.filters:GopherFilter",
     "length_filter": "gristmill.selectors.filters:LengthFilter",
@@ -21,6 +22,7 @@ STAGES: dict[str, str] = {
     "top_fraction": "gristmill.selectors.top_fraction:TopFraction",
     # scorers
     "text_stats": "gristmill.scorers.text_stats:TextStats",
+    "lm_likelihood": "gristmill.scorers.likelihood:LMLikelihood",
 }
 
 
