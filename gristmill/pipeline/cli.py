@@ -13,6 +13,7 @@ import sys
 
 COMMAND_MODULES: list[str] = [
     "gristmill.pipeline.commands",
+    "gristmill.trainers.distill_cli",
 ]
 
 
