@@ -27,6 +27,7 @@ import zstandard
 from gristmill.pipeline.recipe import SourceSpec
 
 BLOCK_BYTES = 8 << 20
+READ_CHUNK = 256 << 10
 MAX_RAW_CHARS = 100_000  # a reject keeps at most this much of the raw line
 
 
@@ -233,30 +234,35 @@ def _open_binary(path: str) -> io.IOBase:
     return open(path, "rb")
 
 
-def _read_blocks(stream: io.BufferedIOBase, report: FileReport) -> Iterator[tuple[bytes, bool]]:
-    """Yield (block of whole lines, is_last). A decompression fault ends the file
-    as ``truncated``; the incomplete tail is yielded last so it gets a reject."""
-    tail = b""
+def _read_blocks(stream: io.IOBase, report: FileReport) -> Iterator[tuple[bytes, bool]]:
+    """Yield (block of whole lines, is_last). Reads in small chunks so that a
+    decompression fault loses only the chunk it happened in: every whole line
+    before it is yielded, the incomplete tail last, and the file is marked
+    ``truncated``."""
+    buf = bytearray()
     while True:
         try:
-            chunk = stream.read(BLOCK_BYTES)
+            chunk = stream.read(READ_CHUNK)
         except (EOFError, OSError, zstandard.ZstdError) as e:
             report.file_error("truncated", f"{type(e).__name__}: {e}")
-            if tail:
-                yield tail, True
+            cut = buf.rfind(b"\n")
+            if cut >= 0:
+                yield bytes(buf[: cut + 1]), False
+                del buf[: cut + 1]
+            if buf:
+                yield bytes(buf), True
             return
         if not chunk:
-            if tail:
-                yield tail, True
+            if buf:
+                yield bytes(buf), True
             return
         report.bytes += len(chunk)
-        data = tail + chunk
-        cut = data.rfind(b"\n")
-        if cut < 0:
-            tail = data
-            continue
-        tail = data[cut + 1:]
-        yield data[: cut + 1], False
+        buf += chunk
+        if len(buf) >= BLOCK_BYTES:
+            cut = buf.rfind(b"\n")
+            if cut >= 0:
+                yield bytes(buf[: cut + 1]), False
+                del buf[: cut + 1]
 
 
 def read_jsonl(task: InputTask, spec: SourceSpec, report: FileReport,
@@ -325,7 +331,13 @@ def read_jsonl(task: InputTask, spec: SourceSpec, report: FileReport,
 
 
 def _has_missing_main(table: pa.Table, norm: _Normalizer) -> bool:
-    return any(table.column(c).null_count for c in norm.main if c in table.column_names)
+    """Rows the fast path cannot judge: null main fields or empty response lists."""
+    if any(table.column(c).null_count for c in norm.main if c in table.column_names):
+        return True
+    if norm.kind == "sft" and table.num_rows:
+        lengths = pa.compute.list_value_length(table.column(norm.spec.fields.responses))
+        return pa.compute.min(lengths).as_py() == 0
+    return False
 
 
 def read_parquet(task: InputTask, spec: SourceSpec, report: FileReport,

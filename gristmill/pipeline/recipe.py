@@ -63,7 +63,8 @@ class _Model(BaseModel):
 class FieldMap(_Model):
     """Where the canonical fields live in the input records."""
 
-    id: str | None = Field(None, description="id field; None derives `path:line` ids")
+    id: str | None = Field("id", description="id field; where absent or null (or when set to "
+                           "null) ids are derived as `<source>:<line>`")
     text: str = "text"
     domain: str | None = "domain"
     prompt: str = "prompt"

@@ -272,7 +272,7 @@ def _commit(recipe: Recipe, out: Path, tasks: list[InputTask], result: EngineRes
                     "seconds": round(time.time() - t0, 3), "engine": recipe.engine.kind,
                     "workers": recipe.engine.workers},
     }
-    stats_json = {"counts": counts, **stats.to_json(), "length_bins": LENGTH_BINS.tolist()}
+    stats_json = {**stats.to_json(), "counts": counts, "length_bins": LENGTH_BINS.tolist()}
     atomic_write_json(out / "stats.json", stats_json)
     atomic_write_json(out / "manifest.json", manifest)
     return manifest
