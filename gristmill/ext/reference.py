@@ -14,10 +14,10 @@ from __future__ import annotations
 import torch
 
 #: Columns of the vocabulary processed at once by the torch implementation.
-DEFAULT_VOCAB_TILE = 4096
+DEFAULT_VOCAB_TILE = 1024
 #: Rows (tokens) processed at once; with ``DEFAULT_VOCAB_TILE`` a tile of fp32
-#: logits is 4 MiB.
-DEFAULT_TOKEN_TILE = 256
+#: logits is 4 MiB (the sizes the C++ kernel uses, measured fastest on a 2-core CPU).
+DEFAULT_TOKEN_TILE = 1024
 
 
 def token_logprobs_torch(

@@ -26,53 +26,76 @@
 
 namespace {
 
-// exp(x) for x <= 0 in a form the compiler vectorizes (std::exp does not without
-// -ffast-math): x = n ln2 + r with |r| <= ln2/2, exp(r) by the Cephes expf
-// polynomial (relative error ~1 ulp), 2^n built in the exponent bits. Arguments
-// below -87.3 are clamped so 2^n stays a normal float; exp(-87.3) ~ 1e-38 is
-// negligible next to s >= 1 (the maximum itself contributes exp(0) = 1).
-inline float exp_nonpositive(float x) {
-  x = x < -87.3f ? -87.3f : x;
-  const float magic = 12582912.0f;  // 1.5 * 2^23: adding and subtracting rounds to an integer
-  const float n = (x * 1.44269504088896341f + magic) - magic;
-  float r = x - n * 0.693359375f;
+// Eight floats as one value (GCC/Clang vector extension): the compiler maps it to
+// one AVX register, or two SSE ones, without intrinsics tied to an instruction set.
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+constexpr int kLanes = 8;
+
+inline v8f load8(const float* p) {
+  v8f v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline v8f splat(float x) { return v8f{x, x, x, x, x, x, x, x}; }
+
+// Lane-wise a > b ? a : b, by masks (a comparison yields all-ones lanes).
+inline v8f max8(v8f a, v8f b) {
+  const v8i take_a = a > b;
+  return (v8f)(((v8i)a & take_a) | ((v8i)b & ~take_a));
+}
+
+// exp(x) for x <= 0, eight lanes at once: x = n ln2 + r with |r| <= ln2/2, exp(r)
+// by the Cephes expf polynomial (relative error ~1 ulp), 2^n built in the exponent
+// bits. Arguments below -87.3 are clamped so 2^n stays a normal float; exp(-87.3)
+// ~ 1e-38 is negligible next to s >= 1 (the maximum itself contributes exp(0) = 1).
+inline v8f exp_nonpositive(v8f x) {
+  x = max8(x, splat(-87.3f));
+  const v8f magic = splat(12582912.0f);  // 1.5 * 2^23: adding and subtracting rounds
+  const v8f n = (x * 1.44269504088896341f + magic) - magic;
+  v8f r = x - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
-  float y = 1.9875691500e-4f;
+  v8f y = splat(1.9875691500e-4f);
   y = y * r + 1.3981999507e-3f;
   y = y * r + 8.3334519073e-3f;
   y = y * r + 4.1665795894e-2f;
   y = y * r + 1.6666665459e-1f;
   y = y * r + 5.0000001201e-1f;
   y = y * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return y * scale;
+  const v8i bits = (__builtin_convertvector(n, v8i) + 127) << 23;
+  return y * (v8f)bits;
 }
 
-constexpr int kLanes = 8;  // independent accumulators: lets the reductions vectorize
+inline float exp_nonpositive(float x) { return exp_nonpositive(splat(x))[0]; }
+
+inline float horizontal_max(v8f v) {
+  float result = v[0];
+  for (int k = 1; k < kLanes; ++k) result = std::max(result, v[k]);
+  return result;
+}
+
+inline float horizontal_sum(v8f v) {
+  float result = 0.f;
+  for (int k = 0; k < kLanes; ++k) result += v[k];
+  return result;
+}
 
 inline float row_max(const float* z, int64_t cols) {
-  float lanes[kLanes];
-  for (int k = 0; k < kLanes; ++k) lanes[k] = -std::numeric_limits<float>::infinity();
+  v8f lanes = splat(-std::numeric_limits<float>::infinity());
   int64_t j = 0;
-  for (; j + kLanes <= cols; j += kLanes) {
-    for (int k = 0; k < kLanes; ++k) lanes[k] = z[j + k] > lanes[k] ? z[j + k] : lanes[k];
-  }
-  float result = lanes[0];
-  for (int k = 1; k < kLanes; ++k) result = std::max(result, lanes[k]);
+  for (; j + kLanes <= cols; j += kLanes) lanes = max8(load8(z + j), lanes);
+  float result = horizontal_max(lanes);
   for (; j < cols; ++j) result = std::max(result, z[j]);
   return result;
 }
 
 inline float row_sum_exp(const float* z, int64_t cols, float shift) {
-  float lanes[kLanes] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  const v8f shift8 = splat(shift);
+  v8f lanes = splat(0.f);
   int64_t j = 0;
-  for (; j + kLanes <= cols; j += kLanes) {
-    for (int k = 0; k < kLanes; ++k) lanes[k] += exp_nonpositive(z[j + k] - shift);
-  }
-  float result = 0.f;
-  for (int k = 0; k < kLanes; ++k) result += lanes[k];
+  for (; j + kLanes <= cols; j += kLanes) lanes += exp_nonpositive(load8(z + j) - shift8);
+  float result = horizontal_sum(lanes);
   for (; j < cols; ++j) result += exp_nonpositive(z[j] - shift);
   return result;
 }
@@ -202,7 +225,7 @@ at::Tensor token_logprobs_from_logits(const at::Tensor& logits, const at::Tensor
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("token_logprobs", &token_logprobs, "log p(target) per token from hidden states",
              py::arg("hidden"), py::arg("weight"), py::arg("targets"), py::arg("bias"),
-             py::arg("ignore_index"), py::arg("token_tile") = 512, py::arg("vocab_tile") = 1024);
+             py::arg("ignore_index"), py::arg("token_tile") = 1024, py::arg("vocab_tile") = 1024);
   module.def("token_logprobs_from_logits", &token_logprobs_from_logits,
              "log p(target) per token from logits", py::arg("logits"), py::arg("targets"),
              py::arg("ignore_index"));
