@@ -14,6 +14,7 @@ from gristmill.pipeline.stage import Stage
 STAGES: dict[str, str] = {
     # selectors
     "grape": "gristmill.selectors.grape:Grape",
+    "distill": "gristmill.selectors.distill_stage:Distill",
     "exact_dedup": "gristmill.selectors.dedup:ExactDedup",
     "gopher": "gristmill.selectors.filters:GopherFilter",
     "length_filter": "gristmill.selectors.filters:LengthFilter",
@@ -22,6 +23,7 @@ STAGES: dict[str, str] = {
     "top_fraction": "gristmill.selectors.top_fraction:TopFraction",
     # scorers
     "text_stats": "gristmill.scorers.text_stats:TextStats",
+    "embeddings": "gristmill.scorers.embeddings:Embeddings",
     "lm_likelihood": "gristmill.scorers.likelihood:LMLikelihood",
 }
 
