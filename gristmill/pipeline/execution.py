@@ -92,17 +92,15 @@ class TaskStats:
         cur = getattr(self, attr)
         setattr(self, attr, hist if cur is None else cur + hist)
         doms = getattr(self, f"domains_{where}")
-        dom_col = batch.column("domain").to_pylist() if "domain" in batch.column_names else None
-        if dom_col is None:
-            dom_col = [None] * batch.num_rows
-        agg: dict[str, list[int]] = {}
-        for d, n in zip(dom_col, lengths.tolist(), strict=True):
-            key = d if d is not None else "(none)"
-            a = agg.setdefault(key, [0, 0])
-            a[0] += 1
-            a[1] += n
-        for k, (docs, chars) in agg.items():
-            a = doms.setdefault(k, [0, 0])
+        if "domain" in batch.column_names:
+            dom = pc.fill_null(batch.column("domain"), "(none)")
+        else:
+            dom = pa.array(["(none)"] * batch.num_rows, pa.string())
+        agg = pa.Table.from_arrays([dom, pa.array(lengths)], names=["d", "n"]).group_by(
+            "d").aggregate([("n", "count"), ("n", "sum")])
+        for d, docs, chars in zip(agg.column("d").to_pylist(), agg.column("n_count").to_pylist(),
+                                  agg.column("n_sum").to_pylist(), strict=True):
+            a = doms.setdefault(d, [0, 0])
             a[0] += docs
             a[1] += chars
 

@@ -163,7 +163,9 @@ class _Normalizer:
         cols["source"] = pa.array([self.task.label] * n, pa.string())
         for c in self.spec.columns:
             cols[c] = table.column(c) if c in table.column_names else pa.nulls(n, pa.string())
-        return pa.table([cols[name] for name in self.schema.names], schema=self.schema)
+        # from_arrays, not pa.table(): the latter probes for pandas and imports it
+        return pa.Table.from_arrays([cols[name] for name in self.schema.names],
+                                    schema=self.schema)
 
     def parse_schema(self) -> pa.Schema:
         """Explicit schema for pyarrow's JSON reader: the fields we need, typed."""
@@ -239,30 +241,33 @@ def _read_blocks(stream: io.IOBase, report: FileReport) -> Iterator[tuple[bytes,
     decompression fault loses only the chunk it happened in: every whole line
     before it is yielded, the incomplete tail last, and the file is marked
     ``truncated``."""
-    buf = bytearray()
+    chunks: list[bytes] = []
+    size = 0
     while True:
         try:
             chunk = stream.read(READ_CHUNK)
         except (EOFError, OSError, zstandard.ZstdError) as e:
             report.file_error("truncated", f"{type(e).__name__}: {e}")
-            cut = buf.rfind(b"\n")
+            data = b"".join(chunks)
+            cut = data.rfind(b"\n")
             if cut >= 0:
-                yield bytes(buf[: cut + 1]), False
-                del buf[: cut + 1]
-            if buf:
-                yield bytes(buf), True
+                yield data[: cut + 1], False
+            if len(data) > cut + 1:
+                yield data[cut + 1:], True
             return
         if not chunk:
-            if buf:
-                yield bytes(buf), True
+            if chunks:
+                yield b"".join(chunks), True
             return
         report.bytes += len(chunk)
-        buf += chunk
-        if len(buf) >= BLOCK_BYTES:
-            cut = buf.rfind(b"\n")
-            if cut >= 0:
-                yield bytes(buf[: cut + 1]), False
-                del buf[: cut + 1]
+        chunks.append(chunk)
+        size += len(chunk)
+        if size >= BLOCK_BYTES and b"\n" in chunk:
+            cut = chunk.rfind(b"\n")
+            head, tail = chunk[: cut + 1], chunk[cut + 1:]
+            chunks[-1] = head
+            yield b"".join(chunks), False
+            chunks, size = ([tail], len(tail)) if tail else ([], 0)
 
 
 def read_jsonl(task: InputTask, spec: SourceSpec, report: FileReport,
@@ -283,7 +288,7 @@ def read_jsonl(task: InputTask, spec: SourceSpec, report: FileReport,
             if report.status != "truncated":
                 try:
                     table = pajson.read_json(
-                        io.BytesIO(block), parse_options=parse_opts,
+                        pa.BufferReader(block), parse_options=parse_opts,
                         read_options=pajson.ReadOptions(block_size=max(len(block), 1 << 20)))
                 except (pa.ArrowInvalid, UnicodeDecodeError, ValueError):
                     table = None

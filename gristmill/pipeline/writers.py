@@ -13,7 +13,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -99,6 +98,8 @@ class ShardWriter:
         if self.fmt == "parquet":
             self._writer.write_table(table, row_group_size=max(table.num_rows, 1))
         else:
+            import polars as pl  # only JSONL output needs it; keep startup light
+
             pl.from_arrow(table).write_ndjson(self._sink)
         self._rows += table.num_rows
         if self._sink.tell() >= self.shard_bytes:
