@@ -14,6 +14,7 @@ import sys
 COMMAND_MODULES: list[str] = [
     "gristmill.pipeline.commands",
     "gristmill.trainers.sft",
+    "gristmill.trainers.sft",
     "gristmill.trainers.distill_cli",
     "gristmill.trainers.lm_cli",
 ]
