@@ -14,7 +14,6 @@ import sys
 COMMAND_MODULES: list[str] = [
     "gristmill.pipeline.commands",
     "gristmill.trainers.sft",
-    "gristmill.trainers.sft",
     "gristmill.trainers.distill_cli",
     "gristmill.trainers.lm_cli",
 ]
