@@ -1,0 +1,92 @@
+"""``gristmill tokenize`` and ``gristmill train-lm``.
+
+::
+
+    gristmill tokenize --tokenizer runs/tok --out runs/tokens/train out/
+    gristmill train-lm lm.yaml --set max_steps=200 --set seed=1
+    torchrun --nproc_per_node 8 -m gristmill.pipeline.cli train-lm lm.yaml --set bf16=true
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+SHARD_GLOBS = ("part-*.parquet", "part-*.jsonl")
+
+
+def shard_files(paths: list[str]) -> list[Path]:
+    """Expand run output folders (``<out>/shards/part-*``) and shard folders into files."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            folder = p / "shards" if (p / "shards").is_dir() else p
+            found = sorted(f for g in SHARD_GLOBS for f in folder.glob(g))
+            if not found:
+                raise ValueError(f"shards: no part-*.parquet or part-*.jsonl in {folder}")
+            files += found
+        else:
+            files.append(p)
+    return files
+
+
+def _parse_value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def load_train_config(path: str, overrides: list[str]):
+    """An ``LMTrainConfig`` from a YAML or JSON file plus ``key=value`` overrides."""
+    import yaml
+
+    from gristmill.trainers.lm import LMTrainConfig
+
+    fields = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(fields, dict):
+        raise ValueError(f"{path}: expected a mapping of LMTrainConfig fields")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        fields[key] = _parse_value(value)
+    return LMTrainConfig(**fields)
+
+
+def run_tokenize(args: argparse.Namespace) -> int:
+    from gristmill.pipeline.tokenized import IndexedTokens, tokenize_shards
+
+    tokenize_shards(shard_files(args.shards), args.tokenizer, args.out, text_column=args.text_column,
+                    domain_column=args.domain_column or None, append_eos=not args.no_eos,
+                    batch_size=args.batch_size)
+    print(IndexedTokens(args.out))
+    return 0
+
+
+def run_train_lm(args: argparse.Namespace) -> int:
+    from gristmill.trainers.lm import train_lm
+
+    result = train_lm(load_train_config(args.config, args.set))
+    print(json.dumps({"model": str(result.model_dir), "steps": result.steps, "tokens": result.tokens,
+                      "final_eval": result.final_eval}, indent=1))
+    return 0
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    tok = subparsers.add_parser("tokenize", help="tokenize output shards into Megatron .bin/.idx")
+    tok.add_argument("shards", nargs="+", help="shard files, shard folders or run output folders")
+    tok.add_argument("--tokenizer", required=True, help="Hugging Face tokenizer folder")
+    tok.add_argument("--out", required=True, help="output prefix (writes .bin, .idx, .dom.npy, .domains.json)")
+    tok.add_argument("--text-column", default="text")
+    tok.add_argument("--domain-column", default="domain", help="empty string to ignore domains")
+    tok.add_argument("--no-eos", action="store_true", help="do not append eos to each document")
+    tok.add_argument("--batch-size", type=int, default=1024)
+    tok.set_defaults(func=run_tokenize)
+
+    lm = subparsers.add_parser("train-lm", help="pretrain a causal LM on tokenized shards")
+    lm.add_argument("config", help="YAML or JSON with LMTrainConfig fields")
+    lm.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a field (value parsed as JSON when it can be)")
+    lm.set_defaults(func=run_train_lm)
