@@ -25,6 +25,9 @@ STAGES: dict[str, str] = {
     "text_stats": "gristmill.scorers.text_stats:TextStats",
     "embeddings": "gristmill.scorers.embeddings:Embeddings",
     "lm_likelihood": "gristmill.scorers.likelihood:LMLikelihood",
+    "predictive_strength": "gristmill.scorers.predictive:PredictiveStrength",
+    "preselect_label": "gristmill.scorers.predictive:PreSelectLabel",
+    "fasttext": "gristmill.scorers.fasttext:FastTextScorer",
 }
 
 
