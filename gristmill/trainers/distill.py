@@ -409,7 +409,8 @@ def distill_dataset(x: np.ndarray, y: Sequence | np.ndarray, *, model: str = "ml
                     image_shape: Sequence[int] | None = None,
                     experts: ExpertConfig | None = None, config: DistillConfig | None = None,
                     trajectories: ExpertTrajectories | None = None, width: int | None = None,
-                    depth: int = 2, progress: bool = True) -> DistillOutcome:
+                    depth: int = 2, threads: int | None = 1,
+                    progress: bool = True) -> DistillOutcome:
     """Train experts on ``(x, y)`` and distil it; the whole job in one call.
 
     Parameters
@@ -427,7 +428,26 @@ def distill_dataset(x: np.ndarray, y: Sequence | np.ndarray, *, model: str = "ml
         Recipes; default AST's.
     trajectories : ExpertTrajectories, optional
         Reuse experts trained before (on the same data and architecture).
+    threads : int or None
+        torch CPU threads for the job (restored afterwards); these networks are
+        too small to gain from more, and on a shared machine extra threads spin.
+        None leaves torch's setting alone.
     """
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _distill_dataset(x, y, model=model, image_shape=image_shape, experts=experts,
+                                config=config, trajectories=trajectories, width=width,
+                                depth=depth, progress=progress)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _distill_dataset(x: np.ndarray, y: Sequence | np.ndarray, *, model: str,
+                     image_shape: Sequence[int] | None, experts: ExpertConfig | None,
+                     config: DistillConfig | None, trajectories: ExpertTrajectories | None,
+                     width: int | None, depth: int, progress: bool) -> DistillOutcome:
     if model not in MODEL_KINDS:
         raise ValueError(f"model must be one of {MODEL_KINDS}, got {model!r}")
     experts = experts or ExpertConfig.ast()

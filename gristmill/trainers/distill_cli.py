@@ -191,6 +191,7 @@ def _evaluate(args: argparse.Namespace, outcome, x_tr, y_tr, x_te, y_te, shape) 
     from gristmill.trainers.distill import train_and_evaluate
     from gristmill.trainers.distill_models import build_model
 
+    torch.set_num_threads(args.threads)
     norm = outcome.normalizer
     classes = outcome.classes
 
@@ -221,12 +222,9 @@ def _evaluate(args: argparse.Namespace, outcome, x_tr, y_tr, x_te, y_te, shape) 
 
 def run_distill(args: argparse.Namespace) -> int:
     """Entry point of ``gristmill distill``; returns the exit code."""
-    import torch
-
     from gristmill.trainers.distill import distill_dataset
     from gristmill.trainers.distill_output import distill_artifacts
 
-    torch.set_num_threads(max(1, min(torch.get_num_threads(), args.threads)))
     if args.dataset:
         x, y, texts, shape = builtin_dataset(args.dataset)
         if args.write_dataset:
@@ -257,7 +255,7 @@ def run_distill(args: argparse.Namespace) -> int:
         cut = len(y) // 5
         x_te, y_te, x, y = x[order[:cut]], y[order[:cut]], x[order[cut:]], y[order[cut:]]
     outcome = distill_dataset(x, y, model=args.model, image_shape=shape, experts=experts,
-                              config=config, progress=not args.quiet)
+                              config=config, threads=args.threads, progress=not args.quiet)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     for name, content in distill_artifacts(outcome, x.reshape(len(x), -1), y,
