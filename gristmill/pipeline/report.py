@@ -65,6 +65,11 @@ def length_plot(stats: dict[str, Any]) -> str | None:
         plt.close(fig)
         return None
     ax.set_xscale("log")
+    nonzero = [i for where in ("in", "out") if stats.get(f"length_hist_{where}") is not None
+               for i, v in enumerate(stats[f"length_hist_{where}"]) if v]
+    if nonzero:
+        ax.set_xlim(1, max(bins[max(nonzero) + 1] if max(nonzero) + 1 < len(bins)
+                           else bins[-1], 10))
     ax.set_xlabel("characters per record")
     ax.set_ylabel("records")
     ax.set_title("Length before and after")
