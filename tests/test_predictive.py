@@ -71,7 +71,7 @@ def test_label_ties_at_the_negative_cut_are_broken_by_id_hash():
     # the same documents in another order get the same labels
     perm = [4, 2, 0, 3, 1]
     again = preselect_labels(s[perm], [ids[i] for i in perm], seed=3)
-    assert dict(zip([ids[i] for i in perm], again.tolist())) == dict(zip(ids, labels.tolist()))
+    assert dict(zip([ids[i] for i in perm], again.tolist(), strict=True)) == dict(zip(ids, labels.tolist(), strict=True))
 
 
 def test_positives_are_cut_to_the_number_of_negatives():
@@ -98,10 +98,10 @@ def test_label_stage_over_batches_equals_function_api():
     for b in parts:
         out = stage.apply(b, state)
         got.update(zip(out.kept.column("id").to_pylist(),
-                       out.kept.column("preselect_label").to_pylist()))
+                       out.kept.column("preselect_label").to_pylist(), strict=True))
         dropped += out.num_dropped
     expected = preselect_labels(s, ids, seed=5, salt="preselect_label")
-    assert got == {i: int(v) for i, v in zip(ids, expected) if v >= 0}
+    assert got == {i: int(v) for i, v in zip(ids, expected, strict=True) if v >= 0}
     assert dropped == int((expected < 0).sum())
     assert sum(v == 1 for v in got.values()) == sum(v == 0 for v in got.values()) > 0
 
@@ -143,7 +143,7 @@ def tiny_models(tmp_path_factory):
 def test_stage_adds_strength_from_per_model_bpc(tiny_models):
     from gristmill.scorers.likelihood import load_model, score_texts
 
-    models = [{"path": p, "score": float(s)} for p, s in zip(tiny_models, (30, 10, 20))]
+    models = [{"path": p, "score": float(s)} for p, s in zip(tiny_models, (30, 10, 20), strict=True)]
     stage = PredictiveStrength({"models": models, "max_length": 16, "stride": 8},
                                name="ps")
     out = stage.process(pa.table({"id": [str(i) for i in range(len(TEXTS))], "text": TEXTS}))
@@ -177,7 +177,8 @@ def test_probe_recipe_writes_balanced_labels(tiny_models, tmp_path):
         "sources": [{"path": str(tmp_path / "sample.parquet")}],
         "stages": [
             {"stage": "predictive_strength", "max_length": 32, "stride": 16, "device": "cpu",
-             "models": [{"path": p, "score": float(s)} for p, s in zip(tiny_models, (1, 2, 3))]},
+             "models": [{"path": p, "score": float(s)}
+                        for p, s in zip(tiny_models, (1, 2, 3), strict=True)]},
             {"stage": "preselect_label"},
         ],
         "output": {"path": str(tmp_path / "out")},

@@ -50,6 +50,9 @@ class FastTextTrainConfig(BaseModel):
     ----------
     epoch, lr, word_ngrams, dim, min_count : fastText's ``epoch``, ``lr``,
         ``wordNgrams``, ``dim``, ``minCount``.
+    bucket : fastText's hash buckets for word n-grams; the input matrix has
+        ``(words + bucket) x dim`` floats (800 MB at the default), so small
+        experiments do well with fewer.
     loss : fastText's loss (``softmax``, ``ns``, ``hs``, ``ova``).
     threads : fastText's ``thread``; 1 is reproducible.
     valid_fraction : share of documents held out for the AUC, in [0, 0.9].
@@ -64,6 +67,7 @@ class FastTextTrainConfig(BaseModel):
     word_ngrams: int = Field(2, ge=1, le=10)
     dim: int = Field(100, ge=1, le=10000)
     min_count: int = Field(1, ge=1)
+    bucket: int = Field(2_000_000, ge=1)
     loss: str = Field("softmax", pattern="^(softmax|ns|hs|ova)$")
     threads: int = Field(1, ge=1, le=512)
     valid_fraction: float = Field(0.1, ge=0, le=0.9)
@@ -148,7 +152,7 @@ def train_fasttext(texts: Sequence[str] | pa.Array | pa.ChunkedArray, labels: Se
                 f.write("\n")
         model = fasttext.train_supervised(
             input=str(train_file), epoch=cfg.epoch, lr=cfg.lr, wordNgrams=cfg.word_ngrams,
-            dim=cfg.dim, minCount=cfg.min_count, loss=cfg.loss, thread=cfg.threads,
+            dim=cfg.dim, minCount=cfg.min_count, bucket=cfg.bucket, loss=cfg.loss, thread=cfg.threads,
             seed=cfg.seed, verbose=0)
         tmp_model = Path(tmp) / "model.bin"
         model.save_model(str(tmp_model))
