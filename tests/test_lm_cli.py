@@ -75,8 +75,9 @@ def test_train_lm_command_trains_from_a_config_file_with_overrides(run_dir, toke
 
 
 def test_two_rank_torchrun_matches_one_rank_with_the_same_global_batch(run_dir, tokens, tmp_path):
-    one = _write_config(run_dir, tokens, tmp_path / "one", batch_size=4, grad_clip=0.0)
-    two = _write_config(run_dir, tokens, tmp_path / "two", batch_size=2, grad_clip=0.0)
+    # CPU and gloo even where a GPU is present: two ranks need not have two GPUs.
+    one = _write_config(run_dir, tokens, tmp_path / "one", batch_size=4, grad_clip=0.0, device="cpu")
+    two = _write_config(run_dir, tokens, tmp_path / "two", batch_size=2, grad_clip=0.0, device="cpu")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     assert main(["train-lm", str(one)]) == 0
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

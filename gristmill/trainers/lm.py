@@ -375,10 +375,10 @@ def train_lm(config: LMTrainConfig, *, model_config: PretrainedConfig | None = N
     """
     rank, local_rank, world = _distributed()
     ddp = world > 1
-    if config.device == "auto":
-        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(config.device if config.device != "cuda" or not ddp else f"cuda:{local_rank}")
+    device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available()
+                          else "cpu" if config.device == "auto" else config.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)   # one GPU per torchrun process
     if ddp:
         torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
@@ -414,7 +414,9 @@ def train_lm(config: LMTrainConfig, *, model_config: PretrainedConfig | None = N
 
     # model
     mc = _load_model_config(config, model_config)
-    vocab = max(int(c.meta.get("vocab_size", int(c.tokens.max(initial=0)) + 1)) for c in corpora)
+    # The sidecar knows the vocabulary; a bare Megatron corpus is scanned once.
+    vocab = max(int(c.meta["vocab_size"]) if "vocab_size" in c.meta else int(c.tokens.max(initial=0)) + 1
+                for c in corpora)
     if mc.vocab_size < vocab:
         raise ValueError(f"model vocab_size {mc.vocab_size} is smaller than the corpus vocabulary {vocab}")
     max_pos = getattr(mc, "max_position_embeddings", None) or getattr(mc, "n_positions", None)
