@@ -91,9 +91,10 @@ def predict_proba(model: Any, texts: Sequence[str] | pa.Array | pa.ChunkedArray,
     if len(arr) == 0:
         return np.zeros(0, dtype=np.float64)
     null = arr.is_null().to_numpy(zero_copy_only=False)
-    # "\n" ends the line fastText reads: the C++ reader stops at it.
-    lines = pc.binary_join_element_wise(flatten_newlines(pc.fill_null(arr, "")), "\n", "")
-    all_labels, all_probs = model.f.multilinePredict(lines.to_pylist(), -1, 0.0, "strict")
+    # One "\n" ends each line, as fastText's own predict() adds it: the reader
+    # turns it into the end-of-sentence token, which is a feature of the model.
+    lines = [(t or "").replace("\n", " ") + "\n" for t in arr.to_pylist()]
+    all_labels, all_probs = model.f.multilinePredict(lines, -1, 0.0, "strict")
     # k=-1 returns every label, sorted by probability, so ``label`` is in each list.
     out = np.fromiter((p[ls.index(label)] for ls, p in zip(all_labels, all_probs, strict=True)),
                       dtype=np.float64, count=len(all_labels))
