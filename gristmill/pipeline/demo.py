@@ -114,8 +114,12 @@ def run_demo(root: Path, engine: str | None = None, workers: int | None = None) 
         return 2
     data = build_demo_corpus(Path(root) / "data" / "demo")
     print(f"demo corpus: {data} ({len(list(data.glob('*.json*')))} files)")
-    manifest = run_recipe(recipe_path, engine=engine, workers=workers)
-    out = load_recipe(recipe_path).output_dir
+    recipe = load_recipe(recipe_path)
+    out = recipe.output_dir
+    old = out / "manifest.json"
+    # the demo is disposable: an output of an edited recipe is replaced, not refused
+    fresh = old.exists() and json.loads(old.read_text()).get("fingerprint") != recipe.fingerprint()
+    manifest = run_recipe(recipe_path, engine=engine, workers=workers, fresh=fresh)
     _print_summary(manifest, out)
     print(f"\nOpen the report: {out / 'report.html'}")
     return 0

@@ -156,7 +156,7 @@ class Recipe(_Model):
     # ---- paths -----------------------------------------------------------
     def resolve(self, path: str) -> Path:
         p = Path(os.path.expanduser(path))
-        return p if p.is_absolute() else (Path(self.base_dir) / p)
+        return p if p.is_absolute() else Path(os.path.normpath(Path(self.base_dir) / p))
 
     @property
     def output_dir(self) -> Path:
