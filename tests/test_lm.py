@@ -223,3 +223,9 @@ def test_cosine_lr_warms_up_then_decays_to_min_lr():
     assert cosine_lr(4, **kw) == pytest.approx(1.0)
     assert cosine_lr(54, **kw) == pytest.approx(0.55)
     assert cosine_lr(104, **kw) == pytest.approx(0.1)
+
+
+def test_model_vocabulary_smaller_than_the_corpus_is_rejected(corpus, tmp_path):
+    small = tiny_lm_config(100, n_layer=1, n_embd=32, n_head=2, n_positions=64)
+    with pytest.raises(ValueError, match="model vocab_size 100 is smaller than the corpus vocabulary 300"):
+        train_lm(config(corpus, tmp_path), model_config=small)

@@ -386,8 +386,19 @@ def train_lm(config: LMTrainConfig, *, model_config: PretrainedConfig | None = N
     master = rank == 0
     out_dir = Path(config.out_dir)
 
-    # data
+    # Check the model against the data before reading any tokens.
+    mc = _load_model_config(config, model_config)
+    max_pos = getattr(mc, "max_position_embeddings", None) or getattr(mc, "n_positions", None)
+    if max_pos is not None and config.seq_len > max_pos:
+        raise ValueError(f"seq_len must be <= the model's {max_pos} positions, got {config.seq_len}")
     corpora = [IndexedTokens(p) for p in config.train]
+    # The sidecar knows the vocabulary; a bare Megatron corpus is scanned once.
+    vocab = max(int(c.meta["vocab_size"]) if "vocab_size" in c.meta else int(c.tokens.max(initial=0)) + 1
+                for c in corpora)
+    if mc.vocab_size < vocab:
+        raise ValueError(f"model vocab_size {mc.vocab_size} is smaller than the corpus vocabulary {vocab}")
+
+    # data
     pools = domain_pools(corpora, config.seq_len)
     if schedule is None and config.schedule is not None:
         from gristmill.selectors.mixture import MixtureSchedule
@@ -413,15 +424,6 @@ def train_lm(config: LMTrainConfig, *, model_config: PretrainedConfig | None = N
     min_lr = config.lr / 10 if config.min_lr is None else config.min_lr
 
     # model
-    mc = _load_model_config(config, model_config)
-    # The sidecar knows the vocabulary; a bare Megatron corpus is scanned once.
-    vocab = max(int(c.meta["vocab_size"]) if "vocab_size" in c.meta else int(c.tokens.max(initial=0)) + 1
-                for c in corpora)
-    if mc.vocab_size < vocab:
-        raise ValueError(f"model vocab_size {mc.vocab_size} is smaller than the corpus vocabulary {vocab}")
-    max_pos = getattr(mc, "max_position_embeddings", None) or getattr(mc, "n_positions", None)
-    if max_pos is not None and config.seq_len > max_pos:
-        raise ValueError(f"seq_len must be <= the model's {max_pos} positions, got {config.seq_len}")
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(config.seed)
