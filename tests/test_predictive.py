@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
-import yaml
 
 from gristmill.pipeline.stage import merge_all
 from gristmill.scorers.predictive import (
@@ -162,34 +160,3 @@ def test_stage_adds_strength_from_per_model_bpc(tiny_models):
     assert kept.column("ps_concordant").to_pylist()[0] == concordant_pairs(bpc, [30, 10, 20])[0]
     np.testing.assert_allclose(model_losses([(p, 0) for p in tiny_models], TEXTS[:2],
                                             max_length=16, stride=8, device="cpu"), bpc[:2])
-
-
-def test_probe_recipe_writes_balanced_labels(tiny_models, tmp_path):
-    from gristmill.pipeline.runner import run_recipe
-
-    rng = np.random.default_rng(1)
-    words = " ".join(TEXTS).split()
-    docs = [{"id": f"d{i}", "text": " ".join(rng.choice(words, int(rng.integers(3, 30))))}
-            for i in range(60)]
-    pq.write_table(pa.Table.from_pylist(docs), tmp_path / "sample.parquet")
-    recipe = {
-        "name": "probe", "seed": 0,
-        "sources": [{"path": str(tmp_path / "sample.parquet")}],
-        "stages": [
-            {"stage": "predictive_strength", "max_length": 32, "stride": 16, "device": "cpu",
-             "models": [{"path": p, "score": float(s)}
-                        for p, s in zip(tiny_models, (1, 2, 3), strict=True)]},
-            {"stage": "preselect_label"},
-        ],
-        "output": {"path": str(tmp_path / "out")},
-        "engine": {"kind": "local", "workers": 1, "batch_size": 25},
-    }
-    (tmp_path / "probe.yaml").write_text(yaml.safe_dump(recipe))
-    run_recipe(tmp_path / "probe.yaml", progress=False, report=False)
-    table = pa.concat_tables(pq.read_table(f) for f in sorted((tmp_path / "out").rglob("*.parquet"))
-                             if "shards" in f.parts)
-    labels = table.column("preselect_label").to_pylist()
-    assert labels.count(1) == labels.count(0) > 0
-    s = np.array(table.column("predictive_strength").to_pylist())
-    lab = np.array(labels)
-    assert s[lab == 1].min() > s[lab == 0].max()

@@ -15,6 +15,7 @@ COMMAND_MODULES: list[str] = [
     "gristmill.pipeline.commands",
     "gristmill.trainers.sft",
     "gristmill.trainers.distill_cli",
+    "gristmill.trainers.preselect_cli",
     "gristmill.trainers.lm_cli",
 ]
 
