@@ -68,7 +68,7 @@ def test_clusters_join_transitively_through_shared_keys():
     class TwoKeys(ExactDedup):
         def record_keys(self, batch):
             import numpy as np
-            return np.array([1, 1, 2, 2, 3], dtype=np.uint64), np.array([0, 1, 1, 2, 3])
+            return np.array([1, 1, 2, 2, 3], dtype=np.uint64), np.array([0, 1, 1, 2, 3]), {}
 
     batch = pa.table({"id": ["a", "b", "c", "d"], "text": ["xx", "x", "xxx", "y"]})
     outs, state = _run_stage(TwoKeys(), [batch])

@@ -16,6 +16,7 @@ STAGES: dict[str, str] = {
     "grape": "gristmill.selectors.grape:Grape",
     "distill": "gristmill.selectors.distill_stage:Distill",
     "exact_dedup": "gristmill.selectors.dedup:ExactDedup",
+    "minhash_dedup": "gristmill.selectors.minhash:MinHashDedup",
     "gopher": "gristmill.selectors.filters:GopherFilter",
     "length_filter": "gristmill.selectors.filters:LengthFilter",
     "mix": "gristmill.selectors.mix:Mix",

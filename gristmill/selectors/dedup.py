@@ -54,9 +54,11 @@ class ClusterDedupParams(StageParams):
 class ClusterDedup(ShuffleStage):
     """Base of the dedup stages: subclasses say how a batch is keyed.
 
-    Subclasses implement ``record_keys(batch) -> (keys, rows)``: uint64 keys and,
-    for each key, the index of the row it belongs to (a record may have many keys,
-    as MinHash has one per band). ``reason`` names the drop.
+    Subclasses implement ``record_keys(batch) -> (keys, rows, extra)``: uint64
+    keys, for each key the index of the row it belongs to (a record may have
+    many keys, as MinHash has one per band), and extra columns of the keys
+    table (one value per key; MinHash may add signatures). ``verify`` may
+    reject candidate edges. ``reason`` names the drop.
     """
 
     reason: ClassVar[str] = "duplicate"
@@ -67,8 +69,13 @@ class ClusterDedup(ShuffleStage):
         return ("id", self.text_column) + ((col,) if col else ())
 
     # -- keys ------------------------------------------------------------------
-    def record_keys(self, batch: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    def record_keys(self, batch: pa.Table) -> tuple[np.ndarray, np.ndarray, dict[str, pa.Array]]:
         raise NotImplementedError
+
+    def verify(self, group: pa.Table, member: np.ndarray, best: np.ndarray) -> np.ndarray | None:
+        """Which candidate edges ``member[i] -> best[i]`` (row indices of the sorted
+        partition ``group``) are real; None keeps them all."""
+        return None
 
     def scores(self, batch: pa.Table) -> np.ndarray:
         """Survivor criterion per row, higher is better (nulls rank last)."""
@@ -84,14 +91,17 @@ class ClusterDedup(ShuffleStage):
         return score
 
     def keys(self, batch: pa.Table) -> pa.Table:
-        keys, rows = self.record_keys(batch)
+        keys, rows, extra = self.record_keys(batch)
         rows_arr = pa.array(rows, pa.int64())
         ids = batch.column("id").take(rows_arr)
         score = self.scores(batch)[rows]
-        return pa.Table.from_arrays(
+        table = pa.Table.from_arrays(
             [pa.array(keys, pa.uint64()),
              ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids,
              pa.array(score, pa.float64())], schema=KEYS_SCHEMA)
+        for name, col in extra.items():
+            table = table.append_column(name, col)
+        return table
 
     # -- reduce ----------------------------------------------------------------
     def reduce(self, partition: pa.Table) -> pa.Table:
@@ -112,6 +122,9 @@ class ClusterDedup(ShuffleStage):
         if member.size == 0:
             return EDGES_SCHEMA.empty_table()
         best = group_first[member]
+        ok = self.verify(t, member, best)
+        if ok is not None:
+            member, best = member[ok], best[ok]
         ids = t.column("id").combine_chunks()
         score = t.column("score").combine_chunks()
         m, b = pa.array(member), pa.array(best)
@@ -203,10 +216,10 @@ class ExactDedup(ClusterDedup):
     Params: ClassVar = ExactDedupParams
     reason = "exact_duplicate"
 
-    def record_keys(self, batch: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    def record_keys(self, batch: pa.Table) -> tuple[np.ndarray, np.ndarray, dict[str, pa.Array]]:
         texts = batch.column(self.text_column).to_pylist()
         if self.params.normalize:
             texts = [normalize_text(t or "") for t in texts]
         else:
             texts = [t or "" for t in texts]
-        return hash64(texts, seed=0, salt="exact_dedup"), np.arange(batch.num_rows)
+        return hash64(texts, seed=0, salt="exact_dedup"), np.arange(batch.num_rows), {}

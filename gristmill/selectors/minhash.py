@@ -1,0 +1,430 @@
+"""MinHash near-duplicate removal: shingles, signatures, LSH bands as a shuffle.
+
+For a record with shingle set ``A`` and ``k`` hash functions ``h_i``, the
+signature is ``sig_i(A) = min_{x in A} h_i(x)``; for two records
+``P[sig_i(A) = sig_i(B)] = J(A, B) = |A n B| / |A u B|`` (Broder, 1997). The
+signature is cut into ``b`` bands of ``r`` rows; two records are candidates
+when all rows of some band agree, which happens with probability
+``1 - (1 - J^r)^b`` (Leskovec, Rajaraman & Ullman, *Mining of Massive
+Datasets*, ch. 3). ``b`` and ``r`` are chosen for a Jaccard threshold ``t`` by
+minimizing ``w_fp * FP + w_fn * FN`` with::
+
+    FP(b, r) = int_0^t 1 - (1 - s^r)^b ds      FN(b, r) = int_t^1 (1 - s^r)^b ds
+
+as datasketch's ``MinHashLSH`` does. Each band's rows hash to one uint64 key;
+the engine groups keys (its shuffle), and the cluster-dedup base joins
+candidates into clusters and keeps each cluster's best member.
+
+Signatures are datasketch-compatible (``scheme: affine32``, datasketch 2.x's
+default, or ``scheme: legacy``, the mersenne-prime permutations of datasketch
+before 2.0): the same ``a, b`` drawn from ``np.random.RandomState(hash_seed)``,
+the same arithmetic, so ``LeanMinHash(seed=hash_seed, hashvalues=sig,
+scheme=...)`` is what ``MinHash.update`` over the same 32-bit shingle hashes
+gives. ``hash: sha1`` uses datasketch's own ``sha1_hash32`` of the shingle
+bytes (one Python call per shingle, slow); the default ``hash: fast`` hashes
+all shingles of a batch with numpy. ``scheme: one_permutation`` hashes each
+shingle once into one of ``num_perm`` bins (Li, Owen & Zhang, "One Permutation
+Hashing", NeurIPS 2012) with optimal densification of empty bins
+(Shrivastava, ICML 2017): the fastest, not datasketch-compatible.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from typing import ClassVar, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import Field, model_validator
+
+from gristmill.selectors.dedup import ClusterDedup, ClusterDedupParams
+
+U32_MAX = np.uint32(0xFFFFFFFF)
+MERSENNE = np.uint64((1 << 61) - 1)
+LEGACY_MAX = np.uint64((1 << 32) - 1)
+# records per sub-batch: bounds the memory of the byte-level hashing arrays
+SUB_BATCH = 512
+# shingles per chunk of the (shingles x num_perm) permutation matrix (fits L2)
+PERM_CHUNK = 1024
+
+_M1 = np.uint64(0xFF51AFD7ED558CCD)
+_M2 = np.uint64(0xC4CEB9FE1A85EC53)
+# fixed odd multipliers, one per byte position (mod 64) and one per n-gram slot
+_MULT = (np.random.RandomState(0x6D696C6C).randint(0, 1 << 62, 128, dtype=np.uint64)
+         * np.uint64(2) + np.uint64(1))
+
+
+def fmix64(x: np.ndarray) -> np.ndarray:
+    """MurmurHash3's 64-bit finalizer: an avalanching bijection of uint64 (wraps)."""
+    x = x ^ (x >> np.uint64(33))
+    x = x * _M1
+    x = x ^ (x >> np.uint64(33))
+    x = x * _M2
+    return x ^ (x >> np.uint64(33))
+
+
+def fmix32(x: np.ndarray) -> np.ndarray:
+    """MurmurHash3's 32-bit finalizer (datasketch's pre-mix of the affine32 scheme)."""
+    x = x ^ (x >> np.uint32(16))
+    x = x * np.uint32(0x85EBCA6B)
+    x = x ^ (x >> np.uint32(13))
+    x = x * np.uint32(0xC2B2AE35)
+    return x ^ (x >> np.uint32(16))
+
+
+# ---------------------------------------------------------------------------
+# LSH parameters
+
+def _gauss_legendre(lo: float, hi: float, n: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    x, w = np.polynomial.legendre.leggauss(n)
+    return 0.5 * (hi - lo) * x + 0.5 * (hi + lo), 0.5 * (hi - lo) * w
+
+
+def optimal_bands(threshold: float, num_perm: int, fp_weight: float = 0.5,
+                  fn_weight: float = 0.5) -> tuple[int, int]:
+    """Bands ``b`` and rows ``r`` (``b * r <= num_perm``) minimizing
+    ``fp_weight * FP + fn_weight * FN`` at Jaccard ``threshold`` (see module doc).
+
+    The integrals are evaluated by Gauss-Legendre quadrature for every (b, r)
+    at once; ties go to the first pair in (b, r) order, as in datasketch.
+
+    Examples
+    --------
+    >>> optimal_bands(0.8, 128)
+    (9, 13)
+    """
+    pairs = np.array([(b, r) for b in range(1, num_perm + 1)
+                      for r in range(1, num_perm // b + 1)], dtype=np.float64)
+    b, r = pairs[:, :1], pairs[:, 1:]
+    s0, w0 = _gauss_legendre(0.0, threshold)
+    s1, w1 = _gauss_legendre(threshold, 1.0)
+    fp = ((1.0 - (1.0 - s0[None, :] ** r) ** b) * w0).sum(axis=1)
+    fn = (((1.0 - s1[None, :] ** r) ** b) * w1).sum(axis=1)
+    best = int(np.argmin(fp * fp_weight + fn * fn_weight))
+    return int(pairs[best, 0]), int(pairs[best, 1])
+
+
+# ---------------------------------------------------------------------------
+# shingles
+
+def _normalize(texts: pa.Array, normalize: bool) -> pa.Array:
+    texts = pc.fill_null(texts, "")
+    if normalize:
+        texts = pc.replace_substring_regex(pc.utf8_lower(texts), r"[^\w\s]+", "")
+    return texts
+
+
+def _string_parts(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets, data bytes) of a string array, offsets rebased to start at 0."""
+    arr = arr.cast(pa.large_string()) if pa.types.is_large_string(arr.type) else arr
+    width = np.int64 if pa.types.is_large_string(arr.type) else np.int32
+    bufs = arr.buffers()
+    offsets = np.frombuffer(bufs[1], dtype=width)[arr.offset: arr.offset + len(arr) + 1]
+    offsets = offsets.astype(np.int64)
+    data = np.frombuffer(bufs[2], dtype=np.uint8) if bufs[2] is not None else np.zeros(0, np.uint8)
+    return offsets - offsets[0], data[offsets[0]: offsets[-1]]
+
+
+def _hash_tokens(words: pa.Array) -> np.ndarray:
+    """A 64-bit hash per (non-empty) string, vectorized over all their bytes:
+    ``fmix64(sum_i (byte_i + 1) * M[i mod 64] + (i >> 6) * M[64] ^ len * M[65])``."""
+    offsets, data = _string_parts(words)
+    lens = np.diff(offsets)
+    if lens.size == 0:
+        return np.zeros(0, np.uint64)
+    starts = offsets[:-1]
+    pos = np.arange(data.size, dtype=np.int64) - np.repeat(starts, lens)
+    v = (data.astype(np.uint64) + np.uint64(1)) * _MULT[pos & 63]
+    v += (pos >> 6).astype(np.uint64) * _MULT[64]
+    acc = np.add.reduceat(v, starts) if data.size else np.zeros(lens.size, np.uint64)
+    acc[lens == 0] = 0  # reduceat returns the next element for empty segments
+    return fmix64(acc ^ (lens.astype(np.uint64) * _MULT[65]))
+
+
+def _ngrams(tok: np.ndarray, counts: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """64-bit hashes of the n-grams of each record's token hashes (records with
+    fewer than ``n`` tokens give one shingle of all of them) and their record index."""
+    docs = np.repeat(np.arange(counts.size), counts)
+    total = tok.size
+    out_h, out_d = [], []
+    if total >= n:
+        m = total - n + 1
+        acc = np.zeros(m, dtype=np.uint64)
+        for t in range(n):
+            acc += tok[t: t + m] * _MULT[66 + t % 60]
+        valid = docs[:m] == docs[n - 1:]
+        out_h.append(acc[valid])
+        out_d.append(docs[:m][valid])
+    short = np.flatnonzero((counts > 0) & (counts < n))
+    if short.size:
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        idx = np.concatenate([np.arange(starts[d], starts[d] + counts[d]) for d in short])
+        pos = idx - np.repeat(starts[short], counts[short])
+        acc = np.add.reduceat(tok[idx] * _MULT[66 + pos % 60], np.concatenate(
+            [[0], np.cumsum(counts[short])[:-1]]))
+        out_h.append(acc)
+        out_d.append(short)
+    if not out_h:
+        return np.zeros(0, np.uint64), np.zeros(0, np.int64)
+    return fmix64(np.concatenate(out_h)), np.concatenate(out_d).astype(np.int64)
+
+
+def shingle_hashes(texts: pa.Array, shingle: str = "word", ngram: int = 5,
+                   normalize: bool = True, hash: str = "fast") -> tuple[np.ndarray, np.ndarray]:
+    """32-bit hashes of every shingle of every text, and the text index of each.
+
+    ``shingle="word"``: n-grams of whitespace-separated words; ``"char"``:
+    n-grams of characters (whitespace collapsed to one space). With
+    ``normalize``, texts are lower-cased and punctuation is removed first.
+    ``hash="fast"`` hashes with numpy over the whole batch (the upper 32 bits
+    of a 64-bit hash); ``hash="sha1"`` is datasketch's ``sha1_hash32`` of the
+    UTF-8 shingle (words joined by one space), one Python call per shingle.
+    Records without shingles (empty text) get none.
+    """
+    if isinstance(texts, pa.ChunkedArray):
+        texts = texts.combine_chunks()
+    norm = _normalize(texts, normalize)
+    lists = pc.utf8_split_whitespace(norm)
+    if shingle == "char":
+        norm = pc.binary_join(lists, " ")
+    if hash == "sha1":
+        return _sha1_shingles(norm, lists, shingle, ngram)
+    if shingle == "word":
+        counts = pc.fill_null(pc.list_value_length(lists), 0).to_numpy().astype(np.int64)
+        # hash each distinct word of the batch once (real text repeats words a lot)
+        codes = pc.dictionary_encode(pc.list_flatten(lists)).combine_chunks() \
+            if isinstance(lists, pa.ChunkedArray) else pc.dictionary_encode(pc.list_flatten(lists))
+        tok = _hash_tokens(codes.dictionary)[codes.indices.to_numpy(zero_copy_only=False)]
+    else:
+        counts = pc.utf8_length(norm).to_numpy(zero_copy_only=False).astype(np.int64)
+        joined = "".join(norm.to_pylist())  # one string: a single utf-32 decode for all
+        cps = np.frombuffer(joined.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
+        tok = fmix64(cps * _MULT[127] + np.uint64(1))
+    h, d = _ngrams(tok, counts, ngram)
+    return (h >> np.uint64(32)).astype(np.uint32), d
+
+
+def _sha1_shingles(norm: pa.Array, lists: pa.Array, shingle: str,
+                   n: int) -> tuple[np.ndarray, np.ndarray]:
+    hs: list[int] = []
+    ds: list[int] = []
+    items = lists.to_pylist() if shingle == "word" else norm.to_pylist()
+    for d, item in enumerate(items):
+        if not item:
+            continue
+        if shingle == "word":
+            grams = [" ".join(item[i: i + n]) for i in range(max(len(item) - n + 1, 1))]
+        else:
+            grams = [item[i: i + n] for i in range(max(len(item) - n + 1, 1))]
+        for g in grams:
+            hs.append(struct.unpack("<I", hashlib.sha1(g.encode("utf-8")).digest()[:4])[0])
+        ds.extend([d] * len(grams))
+    return np.array(hs, dtype=np.uint32), np.array(ds, dtype=np.int64)
+
+
+# ---------------------------------------------------------------------------
+# signatures
+
+def permutations(num_perm: int, seed: int, scheme: str) -> tuple[np.ndarray, np.ndarray]:
+    """datasketch's ``a, b`` for ``scheme`` ("affine32" or "legacy"), drawn in
+    the same order from ``np.random.RandomState(seed)``."""
+    gen = np.random.RandomState(seed)
+    if scheme == "legacy":
+        ab = np.array([(gen.randint(1, MERSENNE, dtype=np.uint64),
+                        gen.randint(0, MERSENNE, dtype=np.uint64)) for _ in range(num_perm)],
+                      dtype=np.uint64).T
+        return ab[0], ab[1]
+    a = gen.randint(0, 1 << 31, num_perm, dtype=np.uint32) * np.uint32(2) + np.uint32(1)
+    b = gen.randint(0, 1 << 32, num_perm, dtype=np.uint32)
+    return a, b
+
+
+def signatures(h: np.ndarray, docs: np.ndarray, n_docs: int, num_perm: int = 128,
+               seed: int = 1, scheme: str = "affine32") -> np.ndarray:
+    """MinHash signatures ``(n_docs, num_perm)`` from shingle hashes and their record index.
+
+    ``affine32``: ``min_x (a * fmix32(x) + b) mod 2^32``; ``legacy``:
+    ``min_x ((a * x + b) mod 2^64 mod (2^61 - 1)) & (2^32 - 1)``, both exactly as
+    datasketch computes them (uint32 for affine32, uint64 for legacy). Records
+    without shingles keep the empty value (the maximum), as in datasketch.
+    ``one_permutation``: one hash per shingle, binned, densified (module doc).
+    """
+    # a record's repeated shingles change nothing; dropping them first saves work
+    packed = np.sort((docs.astype(np.uint64) << np.uint64(32)) | h.astype(np.uint64))
+    packed = packed[np.r_[True, packed[1:] != packed[:-1]]]
+    docs = (packed >> np.uint64(32)).astype(np.int64)
+    h = (packed & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+    if scheme == "one_permutation":
+        return _one_permutation(h, docs, n_docs, num_perm, seed)
+    a, b = permutations(num_perm, seed, scheme)
+    if scheme == "legacy":
+        sig = np.full((n_docs, num_perm), LEGACY_MAX, dtype=np.uint64)
+        x_all = h.astype(np.uint64)
+    else:
+        sig = np.full((n_docs, num_perm), U32_MAX, dtype=np.uint32)
+        x_all = fmix32(h)
+    a, b = a[:, None], b[:, None]
+    # (num_perm x shingles) so each record's shingles are a contiguous run to reduce
+    for s in range(0, h.size, PERM_CHUNK):
+        x = x_all[None, s: s + PERM_CHUNK]
+        d = docs[s: s + PERM_CHUNK]
+        if scheme == "legacy":
+            y = x * a + b  # wraps mod 2^64, as datasketch's uint64 arithmetic does
+            y = (y & MERSENNE) + (y >> np.uint64(61))  # mod 2^61-1 without a division
+            y -= MERSENNE * (y >= MERSENNE)
+            y &= LEGACY_MAX
+        else:
+            y = x * a
+            y += b
+        first = np.flatnonzero(np.r_[True, d[1:] != d[:-1]])
+        part = np.minimum.reduceat(y, first, axis=1).T
+        rows = d[first]
+        sig[rows] = np.minimum(sig[rows], part)
+    return sig
+
+
+def _one_permutation(h: np.ndarray, docs: np.ndarray, n_docs: int, k: int,
+                     seed: int) -> np.ndarray:
+    g = fmix64(h.astype(np.uint64) ^ (np.uint64(seed) * _MULT[126]))
+    bins = ((g >> np.uint64(32)) % np.uint64(k)).astype(np.int64)
+    sig = np.full(n_docs * k, U32_MAX, dtype=np.uint32)
+    np.minimum.at(sig, docs * k + bins, (g & np.uint64(0xFFFFFFFF)).astype(np.uint32))
+    sig = sig.reshape(n_docs, k)
+    filled = sig != U32_MAX
+    has = np.zeros(n_docs, dtype=bool)
+    has[docs] = True
+    rows, cols = np.nonzero(~filled & has[:, None])
+    # optimal densification: an empty bin copies the bin a hash of (bin, attempt)
+    # points at, retried until that bin was filled by a shingle
+    for attempt in range(1, 64 * k):
+        if rows.size == 0:
+            break
+        src = (fmix64(cols.astype(np.uint64) * _MULT[125] + np.uint64(attempt))
+               % np.uint64(k)).astype(np.int64)
+        ok = filled[rows, src]
+        sig[rows[ok], cols[ok]] = sig[rows[ok], src[ok]]
+        rows, cols = rows[~ok], cols[~ok]
+    return sig
+
+
+def band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """One uint64 key per (record, band): a hash of the band's ``rows`` values
+    and the band index, so equal bands of different bands never meet."""
+    x = sig[:, : bands * rows].astype(np.uint64).reshape(sig.shape[0], bands, rows)
+    acc = ((x + np.uint64(1)) * _MULT[:rows]).sum(axis=2, dtype=np.uint64)
+    acc += np.arange(bands, dtype=np.uint64) * _MULT[124]
+    return fmix64(acc)
+
+
+# ---------------------------------------------------------------------------
+# the stage
+
+class MinHashDedupParams(ClusterDedupParams):
+    threshold: float = Field(0.8, gt=0, lt=1, description="Jaccard similarity above which "
+                             "records are near duplicates")
+    num_perm: int = Field(128, ge=2, le=1024, description="signature length")
+    shingle: Literal["word", "char"] = "word"
+    ngram: int = Field(5, ge=1, le=60, description="words or characters per shingle")
+    normalize: bool = Field(True, description="lower-case and strip punctuation first")
+    hash: Literal["fast", "sha1"] = Field("fast", description="shingle hash: numpy over the "
+                                          "batch, or datasketch's sha1_hash32 (slow)")
+    scheme: Literal["affine32", "legacy", "one_permutation"] = "affine32"
+    hash_seed: int = Field(1, ge=0, lt=2**32, description="datasketch's MinHash seed")
+    fp_weight: float = Field(0.5, ge=0, le=1, description="weight of false positives in "
+                             "choosing bands and rows")
+    fn_weight: float = Field(0.5, ge=0, le=1, description="weight of false negatives")
+    verify: bool = Field(False, description="keep a candidate pair only when its signatures "
+                         "agree in at least `threshold` of their positions (the estimated "
+                         "Jaccard); the keys then carry the signature, num_perm * 4 bytes per band")
+    bands: int | None = Field(None, ge=1, description="override the chosen bands (with rows)")
+    rows: int | None = Field(None, ge=1, description="override the chosen rows (with bands)")
+
+    @model_validator(mode="after")
+    def _check(self) -> MinHashDedupParams:
+        if (self.bands is None) != (self.rows is None):
+            raise ValueError("bands and rows are given together or not at all")
+        if self.bands is not None and self.bands * self.rows > self.num_perm:
+            raise ValueError(f"bands * rows must be at most num_perm={self.num_perm}, got "
+                             f"{self.bands} * {self.rows} = {self.bands * self.rows}")
+        if self.fp_weight + self.fn_weight <= 0:
+            raise ValueError("fp_weight + fn_weight must be positive")
+        if self.scheme == "one_permutation" and self.hash == "sha1":
+            raise ValueError("scheme one_permutation is not datasketch-compatible; use it with "
+                             "hash: fast, or scheme affine32/legacy with hash: sha1")
+        return self
+
+
+class MinHashDedup(ClusterDedup):
+    """Near-duplicate removal with MinHash LSH (see the module docstring).
+
+    Each cluster of candidates (records sharing a band, joined transitively)
+    keeps its best member by ``keep`` (default: the longest text, then the
+    smallest id); the others are dropped with reason ``near_duplicate`` and
+    detail ``cluster=<c> survivor=<id>``.
+
+    Examples
+    --------
+    >>> import pyarrow as pa
+    >>> words = [f"w{i}" for i in range(200)]
+    >>> near = words[:150] + ["x"] + words[151:]
+    >>> st = MinHashDedup({"threshold": 0.7})
+    >>> batch = pa.table({"id": ["a", "b", "c"],
+    ...                   "text": [" ".join(words), " ".join(near), "something else"]})
+    >>> state = st.resolve(st.reduce(st.keys(batch)))
+    >>> st.apply(batch, state).kept.column("id").to_pylist()
+    ['a', 'c']
+    """
+
+    type_name = "minhash_dedup"
+    Params: ClassVar = MinHashDedupParams
+    reason = "near_duplicate"
+
+    def __init__(self, params=None, *, name: str | None = None, seed: int = 0) -> None:
+        super().__init__(params, name=name, seed=seed)
+        p = self.params
+        if p.bands is not None:
+            self.bands, self.rows = p.bands, p.rows
+        else:
+            self.bands, self.rows = optimal_bands(p.threshold, p.num_perm, p.fp_weight,
+                                                  p.fn_weight)
+
+    def signatures(self, batch: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+        """(signatures ``(rows, num_perm)``, mask of rows that have shingles)."""
+        p = self.params
+        h, d = shingle_hashes(batch.column(self.text_column), p.shingle, p.ngram, p.normalize,
+                              p.hash)
+        has = np.zeros(batch.num_rows, dtype=bool)
+        has[d] = True
+        return signatures(h, d, batch.num_rows, p.num_perm, p.hash_seed, p.scheme), has
+
+    def record_keys(self, batch: pa.Table) -> tuple[np.ndarray, np.ndarray, dict[str, pa.Array]]:
+        keys, rows, sigs = [], [], []
+        for start in range(0, batch.num_rows, SUB_BATCH):
+            sub = batch.slice(start, SUB_BATCH)
+            sig, has = self.signatures(sub)
+            idx = np.flatnonzero(has)
+            keys.append(band_keys(sig[idx], self.bands, self.rows).ravel())
+            rows.append(np.repeat(idx + start, self.bands))
+            if self.params.verify:
+                sigs.append(np.repeat(sig[idx].astype(np.uint32), self.bands, axis=0))
+        keys = np.concatenate(keys) if keys else np.zeros(0, np.uint64)
+        rows = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+        extra = {}
+        if self.params.verify:
+            sig = np.concatenate(sigs) if sigs else np.zeros((0, self.params.num_perm), np.uint32)
+            extra["signature"] = pa.Array.from_buffers(
+                pa.binary(4 * self.params.num_perm), sig.shape[0],
+                [None, pa.py_buffer(np.ascontiguousarray(sig).tobytes())])
+        return keys, rows, extra
+
+    def verify(self, group: pa.Table, member: np.ndarray, best: np.ndarray) -> np.ndarray | None:
+        if not self.params.verify:
+            return None
+        col = group.column("signature").combine_chunks()
+        k = self.params.num_perm
+        flat = np.frombuffer(col.buffers()[1], dtype=np.uint32)
+        sig = flat[col.offset * k: (col.offset + len(col)) * k].reshape(len(col), k)
+        agree = (sig[member] == sig[best]).mean(axis=1)
+        return agree >= self.params.threshold

@@ -1,0 +1,188 @@
+"""MinHash near dedup: datasketch compatibility, LSH parameters, accuracy vs brute force."""
+
+from __future__ import annotations
+
+import itertools
+from collections import defaultdict
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+from datasketch import LeanMinHash, MinHash, MinHashLSH
+from datasketch.lsh import _optimal_param
+from pydantic import ValidationError
+from scipy.sparse import csr_matrix
+
+from gristmill.pipeline.execution import partition_keys
+from gristmill.selectors.minhash import (
+    MinHashDedup,
+    _normalize,
+    optimal_bands,
+    shingle_hashes,
+    signatures,
+)
+
+RNG_TEXTS = np.random.RandomState(5)
+TEXTS = [" ".join(f"w{RNG_TEXTS.randint(0, 3000)}" for _ in range(RNG_TEXTS.randint(0, 40)))
+         for _ in range(25)] + ["a b", "Hello, World! hello world, again and AGAIN.", "", "x"]
+
+
+def _datasketch_shingles(text: str, shingle: str, n: int) -> list[bytes]:
+    words = pc.utf8_split_whitespace(_normalize(pa.array([text]), True))[0].as_py()
+    s = " ".join(words)
+    if shingle == "word":
+        return [" ".join(words[i:i + n]).encode() for i in range(max(len(words) - n + 1, 1))
+                if words]
+    return [s[i:i + n].encode() for i in range(max(len(s) - n + 1, 1)) if s]
+
+
+@pytest.mark.parametrize("scheme", ["affine32", "legacy"])
+@pytest.mark.parametrize("shingle", ["word", "char"])
+def test_sha1_signatures_equal_datasketch_minhash_update(scheme, shingle):
+    h, d = shingle_hashes(pa.array(TEXTS), shingle, 5, True, "sha1")
+    sig = signatures(h, d, len(TEXTS), 64, seed=7, scheme=scheme)
+    for i, text in enumerate(TEXTS):
+        m = MinHash(num_perm=64, seed=7, scheme=scheme)
+        for g in _datasketch_shingles(text, shingle, 5):
+            m.update(g)
+        assert np.array_equal(m.hashvalues.astype(np.uint64), sig[i].astype(np.uint64)), i
+
+
+@pytest.mark.parametrize("scheme", ["affine32", "legacy"])
+def test_fast_hash_signatures_equal_datasketch_fed_the_same_shingle_hashes(scheme):
+    h, d = shingle_hashes(pa.array(TEXTS), "word", 3, True, "fast")
+    sig = signatures(h, d, len(TEXTS), 32, seed=3, scheme=scheme)
+    for i in range(len(TEXTS)):
+        m = MinHash(num_perm=32, seed=3, scheme=scheme, hashfunc=int)
+        for v in h[d == i]:
+            m.update(int(v))
+        assert np.array_equal(m.hashvalues.astype(np.uint64), sig[i].astype(np.uint64)), i
+
+
+def test_signatures_load_into_datasketch_lsh_and_find_the_near_duplicate():
+    base = [f"tok{i}" for i in range(300)]
+    near = base[:100] + ["changed"] + base[101:]
+    texts = [" ".join(base), " ".join(near), " ".join(f"other{i}" for i in range(300))]
+    h, d = shingle_hashes(pa.array(texts), "word", 5, True, "sha1")
+    sig = signatures(h, d, 3, 128, seed=1, scheme="affine32")
+    lsh = MinHashLSH(threshold=0.8, num_perm=128)
+    for i in range(3):
+        lsh.insert(str(i), LeanMinHash(seed=1, hashvalues=sig[i], scheme="affine32"))
+    query = MinHash(num_perm=128)
+    for g in _datasketch_shingles(texts[1], "word", 5):
+        query.update(g)
+    assert sorted(lsh.query(query)) == ["0", "1"]
+
+
+def test_optimal_bands_match_datasketch_optimal_param():
+    for threshold in (0.5, 0.7, 0.8, 0.9):
+        for num_perm in (64, 128, 256):
+            for w in ((0.5, 0.5), (0.3, 0.7)):
+                assert optimal_bands(threshold, num_perm, *w) == _optimal_param(
+                    threshold, num_perm, *w)
+
+
+def test_one_permutation_agreement_estimates_jaccard():
+    rng = np.random.RandomState(0)
+    base = rng.randint(0, 10**6, 3000)
+    other = base.copy()
+    other[:1000] = rng.randint(0, 10**6, 1000)
+    texts = [" ".join(map(str, base)), " ".join(map(str, other))]
+    h, d = shingle_hashes(pa.array(texts), "word", 1)
+    a, b = set(h[d == 0]), set(h[d == 1])
+    jaccard = len(a & b) / len(a | b)
+    sig = signatures(h, d, 2, 512, scheme="one_permutation")
+    assert abs((sig[0] == sig[1]).mean() - jaccard) < 0.06
+
+
+def test_bad_parameters_are_rejected_naming_the_field():
+    with pytest.raises(ValidationError, match="bands and rows"):
+        MinHashDedup({"bands": 4})
+    with pytest.raises(ValidationError, match="num_perm=64"):
+        MinHashDedup({"num_perm": 64, "bands": 10, "rows": 10})
+    with pytest.raises(ValidationError, match="threshold"):
+        MinHashDedup({"threshold": 1.5})
+    with pytest.raises(ValidationError, match="one_permutation"):
+        MinHashDedup({"scheme": "one_permutation", "hash": "sha1"})
+
+
+def _planted_corpus(families: int = 300, seed: int = 0) -> tuple[list[str], list[str]]:
+    """Each family: a 200-word base and 1-2 variants with a random 0.3-8% of words
+    replaced, which puts 5-gram Jaccard similarities between about 0.5 and 0.98."""
+    rng = np.random.RandomState(seed)
+    ids, texts = [], []
+    for f in range(families):
+        base = rng.randint(0, 10**6, 200)
+        ids.append(f"f{f}-0")
+        texts.append(" ".join(f"t{w}" for w in base))
+        for v in range(rng.randint(1, 3)):
+            var = base.copy()
+            m = rng.rand(200) < rng.uniform(0.003, 0.08)
+            var[m] = rng.randint(0, 10**6, m.sum())
+            ids.append(f"f{f}-{v + 1}")
+            texts.append(" ".join(f"t{w}" for w in var))
+    return ids, texts
+
+
+def _exact_jaccard_of_all_pairs(texts: list[str], n: int = 5) -> dict[tuple[int, int], float]:
+    """Brute force: shingle sets, all pairwise intersections as a sparse product."""
+    vocab: dict[str, int] = {}
+    rows, cols, sizes = [], [], []
+    for i, t in enumerate(texts):
+        w = t.split()
+        grams = {" ".join(w[j:j + n]) for j in range(len(w) - n + 1)}
+        sizes.append(len(grams))
+        for g in grams:
+            rows.append(i)
+            cols.append(vocab.setdefault(g, len(vocab)))
+    x = csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(texts), len(vocab)))
+    inter = (x @ x.T).tocoo()
+    keep = inter.row < inter.col
+    return {(int(a), int(b)): c / (sizes[a] + sizes[b] - c)
+            for a, b, c in zip(inter.row[keep], inter.col[keep], inter.data[keep], strict=True)}
+
+
+@pytest.mark.parametrize("scheme", ["affine32", "one_permutation"])
+def test_near_duplicate_clusters_match_brute_force_jaccard(scheme):
+    threshold = 0.8
+    ids, texts = _planted_corpus()
+    jac = _exact_jaccard_of_all_pairs(texts)
+    values = np.array(list(jac.values()))
+    assert ((values > 0.5) & (values < 0.98)).sum() > 300  # the planted range is covered
+    st = MinHashDedup({"threshold": threshold, "num_perm": 256, "fp_weight": 0.3,
+                       "fn_weight": 0.7, "verify": True, "scheme": scheme})
+    batch = pa.table({"id": ids, "text": texts})
+    halves = [batch.slice(0, 300), batch.slice(300)]
+    keys = pa.concat_tables([st.keys(b) for b in halves])
+    state = st.resolve(pa.concat_tables([st.reduce(p) for p in partition_keys(keys, 4)]))
+    index = {i: n for n, i in enumerate(ids)}
+    members = defaultdict(list)
+    for dropped, survivor in zip(state.column("id").to_pylist(),
+                                 state.column("survivor").to_pylist(), strict=True):
+        members[index[survivor]].append(index[dropped])
+    found = set()
+    for survivor, dropped in members.items():
+        found.update(itertools.combinations(sorted([survivor, *dropped]), 2))
+    truth = [p for p, j in jac.items() if j >= threshold + 0.05]
+    recall = sum(p in found for p in truth) / len(truth)
+    precision = sum(jac.get(p, 0.0) >= threshold for p in found) / len(found)
+    assert recall >= 0.95, recall
+    assert precision >= 0.9, precision
+    # every record is kept or dropped in favour of a kept survivor
+    outs = [st.apply(b, state) for b in halves]
+    kept = {i for o in outs for i in o.kept.column("id").to_pylist()}
+    assert kept.isdisjoint(state.column("id").to_pylist())
+    assert set(state.column("survivor").to_pylist()) <= kept
+    assert {r for o in outs for r in o.dropped.column("reason").to_pylist()} == {"near_duplicate"}
+
+
+def test_survivor_is_the_longest_member_then_the_smallest_id():
+    words = [f"w{i}" for i in range(100)]
+    texts = [" ".join(words), " ".join(words) + " tail", " ".join(words) + " end!"]
+    st = MinHashDedup({"threshold": 0.5})
+    batch = pa.table({"id": ["c", "b", "a"], "text": texts})
+    state = st.resolve(st.reduce(st.keys(batch)))
+    # "b" and "a" tie on length (105 characters), the smaller id wins
+    assert state.column("id").to_pylist() == ["b", "c"]
+    assert set(state.column("survivor").to_pylist()) == {"a"}
