@@ -432,7 +432,7 @@ def train_lm(config: LMTrainConfig, *, model_config: PretrainedConfig | None = N
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=config.lr, betas=(config.beta1, config.beta2))
+        lr=config.lr, betas=(config.beta1, config.beta2), fused=device.type == "cuda")
     raw_model = model
     if ddp:
         model = torch.nn.parallel.DistributedDataParallel(
@@ -461,7 +461,7 @@ def train_lm(config: LMTrainConfig, *, model_config: PretrainedConfig | None = N
             # One global batch for all ranks; this rank trains on its slice.
             doms, windows = sampler.draw(step, config.batch_size * world)
             mine = slice(rank * config.batch_size, (rank + 1) * config.batch_size)
-            batch = torch.from_numpy(sampler.tokens(doms[mine], windows[mine])).to(device)
+            batch = torch.from_numpy(sampler.tokens(doms[mine], windows[mine])).to(device, non_blocking=True)
             weights = domain_weight[torch.from_numpy(doms[mine])].to(device)
             # DDP averages gradients only on the last micro-step.
             sync = not ddp or micro == config.grad_accum - 1
