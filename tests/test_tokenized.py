@@ -145,3 +145,9 @@ def test_reader_rejects_a_file_that_is_not_a_megatron_index(tmp_path):
 def test_write_tokenized_rejects_zero_batch_size(tokenizer, tmp_path):
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         write_tokenized(TEXTS, tokenizer, tmp_path / "c", batch_size=0)
+
+
+def test_empty_corpus_round_trips_with_zero_documents(tokenizer, tmp_path):
+    write_tokenized([], tokenizer, tmp_path / "c", progress=False)
+    ds = IndexedTokens(tmp_path / "c")
+    assert len(ds) == 0 and ds.num_tokens == 0 and ds.doc_idx.tolist() == [0]
