@@ -1,0 +1,152 @@
+"""The Dask engine: the local engine's tasks, scheduled on a ``dask.distributed`` cluster.
+
+Every (segment, input file) task is the local engine's ``run_task`` (same
+readers, stages, spill files, done markers and shard writer), submitted to a
+Dask cluster instead of a process pool. Barriers run on the cluster too: a
+shuffle stage's ``reduce`` runs as one Dask task per key partition (each
+partition holds whole key groups: keys were split by ``key % P`` when they
+were written), and only ``resolve`` / ``finalize`` run on the client.
+
+Cluster: a ``LocalCluster`` of ``engine.workers`` worker processes (one thread
+each) on loopback by default, closed when the run ends; or an existing
+scheduler with ``engine.scheduler: tcp://HOST:PORT`` (Slurm via dask-jobqueue,
+Kubernetes via dask-kubernetes...). With a remote cluster, every worker must
+import gristmill and see the output folder at the same path (a shared
+filesystem), because tasks hand data to each other through ``OUTPUT/_work``,
+which is also what makes a killed run resumable.
+"""
+
+from __future__ import annotations
+
+import pickle
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+from tqdm.auto import tqdm
+
+from gristmill.pipeline.engines.local import (
+    EngineResult,
+    TaskResult,
+    _load_state,
+    run_task,
+    task_dir,
+)
+from gristmill.pipeline.execution import TaskStats, plan_segments
+from gristmill.pipeline.readers import InputTask
+from gristmill.pipeline.recipe import Recipe
+from gristmill.pipeline.stage import GlobalStage, ShuffleStage, Stage, merge_all
+from gristmill.pipeline.writers import atomic_write_bytes
+
+
+def _reduce_partition(recipe: Recipe, work: Path, segment: int, task_indices: list[int],
+                      partition: int, stage_name: str) -> pa.Table | None:
+    """Read one key partition from every task's spill and reduce it (runs on a worker)."""
+    parts = []
+    for t in task_indices:
+        f = task_dir(work, segment, t) / f"keys-{partition:04d}.arrow"
+        if f.exists():
+            with pa.OSFile(str(f), "rb") as src:
+                parts.append(pa.ipc.open_stream(src).read_all())
+    if not parts:
+        return None
+    stage = next(s for s in recipe.build_stages() if s.name == stage_name)
+    reduced = stage.reduce(pa.concat_tables(parts))
+    return reduced if reduced is not None and reduced.num_rows else None
+
+
+def _load_summary(work: Path, segment: int, task: int) -> Any:
+    with open(task_dir(work, segment, task) / "summary.pkl", "rb") as f:
+        return pickle.load(f)
+
+
+class DaskEngine:
+    """Runs the recipe's segments as Dask tasks; see the module docstring."""
+
+    name = "dask"
+
+    def __init__(self, recipe: Recipe, progress: bool = True) -> None:
+        self.recipe = recipe
+        self.progress = progress
+
+    def _client(self):
+        from dask.distributed import Client, LocalCluster
+
+        spec = self.recipe.engine
+        if spec.scheduler:
+            return Client(spec.scheduler), None
+        cluster = LocalCluster(n_workers=spec.workers, threads_per_worker=1, processes=True,
+                               dashboard_address=None, host="127.0.0.1")
+        return Client(cluster), cluster
+
+    def _gather(self, client, futures: list, desc: str) -> list[Any]:
+        from dask.distributed import as_completed
+
+        bar = tqdm(total=len(futures), desc=desc, unit="task", disable=not self.progress,
+                   dynamic_ncols=True)
+        start = time.monotonic()
+        for n, _ in enumerate(as_completed(futures), 1):
+            bar.set_postfix({"tasks/s": f"{n / max(time.monotonic() - start, 1e-9):.1f}"})
+            bar.update(1)
+        bar.close()
+        return client.gather(futures)
+
+    def _barrier(self, client, work: Path, segment_index: int, tasks: list[InputTask],
+                 stage: Stage) -> Any:
+        """Merge summaries (global) or reduce partitions on the cluster and resolve."""
+        state_path = work / f"seg{segment_index:02d}" / "state.pkl"
+        if state_path.exists():
+            return _load_state(state_path)
+        if isinstance(stage, GlobalStage):
+            futs = [client.submit(_load_summary, work, segment_index, t.index, pure=False)
+                    for t in tasks]
+            state = stage.finalize(merge_all(stage, client.gather(futs)))
+        elif isinstance(stage, ShuffleStage):
+            indices = [t.index for t in tasks]
+            futs = [client.submit(_reduce_partition, self.recipe, work, segment_index, indices,
+                                  p, stage.name, pure=False)
+                    for p in range(self.recipe.engine.shuffle_partitions)]
+            reduced = [r for r in self._gather(client, futs, f"reduce [{stage.name}]")
+                       if r is not None]
+            state = stage.resolve(pa.concat_tables(reduced) if reduced else None)
+        else:
+            raise TypeError(f"stage {stage.name!r} is no barrier")
+        atomic_write_bytes(state_path, pickle.dumps(state))
+        return state
+
+    def execute(self, tasks: list[InputTask], work: Path) -> EngineResult:
+        stages = self.recipe.build_stages()
+        segments = plan_segments(stages)
+        per_task = [TaskResult(index=t.index) for t in tasks]
+        artifacts: dict[str, dict[str, bytes]] = {}
+        client, cluster = self._client()
+        try:
+            for seg in segments:
+                names = [s.name for s in seg.stages] + ([seg.exit.name] if seg.exit else [])
+                desc = f"dask segment {seg.index + 1}/{len(segments)} " \
+                       f"[{', '.join(names) or 'write'}]"
+                futs = [client.submit(run_task, self.recipe, work, seg.index, t, pure=False)
+                        for t in tasks]
+                results = self._gather(client, futs, desc)
+                for tr, res in zip(per_task, results, strict=True):
+                    tr.stats.merge(TaskStats.from_json(res["stats"]))
+                    if seg.index == 0:
+                        tr.file = res.get("file", {})
+                        tr.rejects_file = res.get("rejects_file")
+                    if res.get("dropped_file"):
+                        tr.dropped_files.append(res["dropped_file"])
+                    if seg.is_last:
+                        tr.shards = res.get("shards", [])
+                if seg.exit is not None:
+                    exit_stage = next(s for s in stages if s.name == seg.exit.name)
+                    state = self._barrier(client, work, seg.index, tasks, exit_stage)
+                    files = exit_stage.artifacts(state)
+                    if files:
+                        artifacts[exit_stage.name] = files
+        finally:
+            client.close()
+            if cluster is not None:
+                cluster.close()
+        return EngineResult(tasks=per_task, artifacts=artifacts,
+                            final_dir=work / f"seg{len(segments) - 1:02d}")
