@@ -104,3 +104,14 @@ def test_train_on_missing_file_exits_2(tmp_path, capsys):
     assert main(["preselect", "train", str(tmp_path / "none.parquet"), "--out",
                  str(tmp_path / "m.bin")]) == 2
     assert "no parquet file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["preselect_probe.yaml", "preselect_select.yaml"])
+def test_shipped_recipes_validate(name):
+    from pathlib import Path
+
+    from gristmill.pipeline.recipe import load_recipe
+
+    recipe = load_recipe(Path(__file__).parents[1] / "recipes" / name)
+    types = [s.type_name for s in recipe.build_stages()]
+    assert types[-1] in ("preselect_label", "top_fraction")
