@@ -4,7 +4,7 @@
 (Shum et al., 2025, arXiv:2503.00808). Take ``K`` models with benchmark
 scores ``s_1 .. s_K`` and the normalized loss ``C_k(d)`` of document ``d``
 under model ``k`` (bits per character, so models with different tokenizers
-compare). The predictive strength of ``d`` is (paper, Section 2.2)
+compare). The predictive strength of ``d`` is (the paper's definition)
 
     S(d) = 1/Z * sum_{1 <= i, j <= K} 1[s_i > s_j] * 1[C_i(d) < C_j(d)],
     Z = K (K - 1) / 2,

@@ -1,7 +1,7 @@
 """Train a fastText classifier on labelled documents (PreSelect's scorer).
 
 PreSelect ("Predictive Data Selection: The Data That Predicts Is the Data That
-Teaches", Shum et al., 2025, Section 2.3) trains a fastText bag-of-n-grams
+Teaches", Shum et al., 2025, arXiv:2503.00808) trains a fastText bag-of-n-grams
 classifier on its positives (``__label__1``) and negatives (``__label__0``),
 then scores the whole corpus with it. The defaults are the official code's
 (``data_processing/fasttext/train_fasttext.py``): 3 epochs, learning rate
