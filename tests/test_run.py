@@ -178,3 +178,21 @@ def test_resume_after_kill_gives_same_output(recipe_factory, tmp_path, kill_in_s
     # and running it again is a no-op that returns the same manifest
     again = run_recipe(recipe, progress=False)
     assert again["timings"] == resumed["timings"]
+
+
+def test_output_tokenize_writes_megatron_shards_matching_kept_rows(recipe_factory, tmp_path,
+                                                                   corpus):
+    from gristmill.pipeline.tokenized import IndexedTokens
+    from gristmill.trainers.tiny import build_tokenizer
+
+    texts = [json.loads(line)["text"] for f in sorted(corpus.glob("*.jsonl"))
+             for line in f.read_text().splitlines()]
+    tok = build_tokenizer(texts[:200], vocab_size=300, path=tmp_path / "tok")
+    recipe = recipe_factory([{"stage": "sample", "fraction": 0.5}],
+                            output={"path": str(tmp_path / "ot"),
+                                    "tokenize": {"tokenizer": str(tmp_path / "tok")}})
+    m = run_recipe(recipe, progress=False)
+    ds = IndexedTokens(tmp_path / "ot" / "tokenized" / "tokens")
+    assert len(ds) == m["counts"]["kept"]
+    first = pq.read_table(tmp_path / "ot" / m["shards"][0]["path"]).column("text")[0].as_py()
+    assert list(ds[0]) == tok(first)["input_ids"] + [tok.eos_token_id]

@@ -286,5 +286,6 @@ def _tokenize(recipe: Recipe, out: Path, manifest: dict[str, Any]) -> None:
     if (prefix.parent / "DONE").exists():
         return
     tokenize_shards([out / s["path"] for s in manifest["shards"]],
-                    str(recipe.resolve(spec.tokenizer)), prefix, text_column=spec.text_column)
+                    str(recipe.resolve(spec.tokenizer)), prefix, text_column=spec.text_column,
+                    append_eos=spec.append_eos, progress=False)
     atomic_write_bytes(prefix.parent / "DONE", b"")
