@@ -1,0 +1,347 @@
+"""The Beam engine: the recipe as one Apache Beam pipeline, running the same stages.
+
+The graph, for stages ``row... | barrier | row... | ...``::
+
+    List input files (Create of file tasks, not records)
+      -> Read files and run segment 0          ParDo: readers + row stages
+      -> [global]  Summarize -> CombineGlobally(merge) -> Finalize      (side input)
+         [shuffle] Key -> GroupByKey(key % P) -> Reduce -> CombineGlobally(concat)
+                   -> Resolve                                          (side input)
+      -> Run segment 1 with the state          ParDo: barrier.apply + row stages
+      -> ...
+      -> Write shards per input file           CoGroupByKey(rows, audit) by file
+
+Elements are ``(file index, batch number, Arrow table)``: batches keep their
+file and order, so each file's shards hold the same rows, in the same order,
+as the local engine writes. Counts, dropped rows and rejects travel beside the
+rows as an ``audit`` output and are written with the shards. Readers, writers,
+stage execution and the manifest are the local engine's.
+
+Runners (``engine.runner``): by default Beam's ``FnApiRunner`` in this process,
+or with ``engine.workers: N`` in ``N`` worker processes
+(``direct_running_mode=multi_processing``); ``bundle_based`` for the
+``BundleBasedDirectRunner``; any other name (``FlinkRunner``, ``SparkRunner``,
+``DataflowRunner``, ``PortableRunner``) is handed to Beam with
+``engine.beam_options`` as ``PipelineOptions``. Beam's default runner is never
+chosen implicitly (it downloads a runner binary). Workers write shards and
+audits under ``OUTPUT/_work``, so a distributed runner needs the output folder
+on storage every worker sees at the same path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from gristmill.pipeline.engines.local import EngineResult, TaskResult, task_dir
+from gristmill.pipeline.execution import (
+    Segment,
+    TaskStats,
+    partition_keys,
+    plan_segments,
+    run_segment_batch,
+)
+from gristmill.pipeline.readers import FileReport, InputTask, read_task
+from gristmill.pipeline.recipe import Recipe, RecipeError
+from gristmill.pipeline.stage import DROPPED_SCHEMA, GlobalStage, Stage
+from gristmill.pipeline.writers import (
+    ShardWriter,
+    atomic_write_bytes,
+    atomic_write_json,
+    tmp_name,
+)
+
+LOCAL_RUNNERS = ("fn_api", "bundle_based")
+
+
+def _segment_stages(recipe: Recipe, index: int) -> tuple[Segment, list[Stage]]:
+    stages = recipe.build_stages()
+    segment = plan_segments(stages)[index]
+    for st in segment.rows + ([segment.exit] if segment.exit else []):
+        st.setup()
+    if segment.entry is not None:
+        segment.entry.setup()
+    return segment, stages
+
+
+def _audit(segment: int, stats: TaskStats, dropped: list[pa.Table] | None,
+           report: FileReport | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"segment": segment, "stats": stats.to_json(), "dropped": None}
+    if dropped:
+        out["dropped"] = pa.concat_tables(dropped).cast(DROPPED_SCHEMA)
+    if report is not None:
+        out["file"] = {k: v for k, v in asdict(report).items() if k != "rejects"}
+        out["rejects"] = report.rejects
+    return out
+
+
+def _build_pipeline(beam, p, recipe: Recipe, tasks: list[InputTask], work: Path):
+    """Add the recipe's transforms to pipeline ``p``; returns the per-file results."""
+    from apache_beam import pvalue
+
+    class ReadAndRunFirstSegment(beam.DoFn):
+        def __init__(self, recipe: Recipe) -> None:
+            self.recipe = recipe
+
+        def setup(self) -> None:
+            self.segment, _ = _segment_stages(self.recipe, 0)
+
+        def process(self, task_fields: dict[str, Any]):
+            task = InputTask(**task_fields)
+            spec = self.recipe.sources[task.source_index]
+            report = FileReport(path=task.path)
+            stats = TaskStats()
+            dropped: list[pa.Table] | None = [] if self.recipe.output.write_dropped else None
+            for seq, batch in enumerate(read_task(task, spec, report,
+                                                  self.recipe.engine.batch_size)):
+                stats.observe(batch, "in")
+                kept = run_segment_batch(self.segment, batch, None, stats, dropped)
+                if kept.num_rows:
+                    yield (task.index, seq, kept)
+            yield pvalue.TaggedOutput("audit", (task.index, _audit(0, stats, dropped, report)))
+
+    class RunSegment(beam.DoFn):
+        def __init__(self, recipe: Recipe, index: int) -> None:
+            self.recipe, self.index = recipe, index
+
+        def setup(self) -> None:
+            self.segment, _ = _segment_stages(self.recipe, self.index)
+
+        def process(self, element: tuple[int, int, pa.Table], state: Any):
+            task, seq, batch = element
+            stats = TaskStats()
+            dropped: list[pa.Table] | None = [] if self.recipe.output.write_dropped else None
+            kept = run_segment_batch(self.segment, batch, state, stats, dropped)
+            if kept.num_rows:
+                yield (task, seq, kept)
+            yield pvalue.TaggedOutput("audit", (task, _audit(self.index, stats, dropped)))
+
+    class Summarize(beam.DoFn):
+        def __init__(self, recipe: Recipe, index: int) -> None:
+            self.recipe, self.index = recipe, index
+
+        def setup(self) -> None:
+            self.stage = _segment_stages(self.recipe, self.index)[0].exit
+
+        def process(self, element: tuple[int, int, pa.Table]):
+            yield self.stage.summarize(element[2])
+
+    class MergeSummaries(beam.CombineFn):
+        """merge() is associative and commutative, so any combine tree is fine."""
+
+        def __init__(self, stage: GlobalStage) -> None:
+            self.stage = stage
+
+        def create_accumulator(self) -> Any:
+            return None
+
+        def add_input(self, acc: Any, summary: Any) -> Any:
+            if summary is None:
+                return acc
+            return summary if acc is None else self.stage.merge(acc, summary)
+
+        def merge_accumulators(self, accs) -> Any:
+            out = None
+            for a in accs:
+                out = self.add_input(out, a)
+            return out
+
+        def extract_output(self, acc: Any) -> Any:
+            return acc
+
+    class KeyByPartition(beam.DoFn):
+        def __init__(self, recipe: Recipe, index: int) -> None:
+            self.recipe, self.index = recipe, index
+
+        def setup(self) -> None:
+            self.stage = _segment_stages(self.recipe, self.index)[0].exit
+
+        def process(self, element: tuple[int, int, pa.Table]):
+            keys = self.stage.keys(element[2])
+            parts = partition_keys(keys, self.recipe.engine.shuffle_partitions)
+            for p, part in enumerate(parts):
+                if part.num_rows:
+                    yield (p, part)
+
+    class ConcatTables(beam.CombineFn):
+        def create_accumulator(self) -> list:
+            return []
+
+        def add_input(self, acc: list, element: tuple[int, pa.Table | None]) -> list:
+            if element[1] is not None and element[1].num_rows:
+                acc.append(element)
+            return acc
+
+        def merge_accumulators(self, accs) -> list:
+            return [t for a in accs for t in a]
+
+        def extract_output(self, acc: list) -> pa.Table | None:
+            if not acc:
+                return None
+            # partition order, as the local engine concatenates: never the bundling order
+            return pa.concat_tables([t for _, t in sorted(acc, key=lambda e: e[0])])
+
+    def save_state(state: Any, index: int) -> Any:
+        atomic_write_bytes(work / f"seg{index:02d}" / "state.pkl", pickle.dumps(state))
+        return state
+
+    class WriteFile(beam.DoFn):
+        """All rows and audits of one input file: shards, dropped, rejects, result."""
+
+        def __init__(self, recipe: Recipe, last: int) -> None:
+            self.recipe, self.last = recipe, last
+
+        def process(self, element: tuple[int, dict[str, list]]):
+            index, groups = element
+            stats = TaskStats()
+            result: dict[str, Any] = {"index": index, "dropped_files": []}
+            dropped_by_segment: dict[int, list[pa.Table]] = {}
+            for audit in sorted(groups["audit"], key=lambda a: a["segment"]):
+                stats.merge(TaskStats.from_json(audit["stats"]))
+                if audit["dropped"] is not None:
+                    dropped_by_segment.setdefault(audit["segment"], []).append(audit["dropped"])
+                if "file" in audit:
+                    result["file"] = audit["file"]
+                    if audit["rejects"]:
+                        body = "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                       for r in audit["rejects"])
+                        path = task_dir(work, 0, index) / "rejects.jsonl"
+                        atomic_write_bytes(path, body.encode())
+                        result["rejects_file"] = str(path)
+            for seg, tables in sorted(dropped_by_segment.items()):
+                table = pa.concat_tables(tables)
+                # the row order of drops is the batch order, as the local engine writes it
+                path = task_dir(work, seg, index) / "dropped.parquet"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                pq.write_table(table, tmp_name(path), compression="zstd")
+                os.replace(tmp_name(path), path)
+                result["dropped_files"].append(str(path))
+            writer = ShardWriter(task_dir(work, self.last, index) / "shards",
+                                 self.recipe.output.format, self.recipe.output.shard_size)
+            for _, batch in sorted(groups["rows"], key=lambda r: r[0]):
+                stats.observe(batch, "out")
+                writer.write(batch)
+            result["shards"] = [s.to_dict() for s in writer.close()]
+            result["stats"] = stats.to_json()
+            atomic_write_json(work / "beam" / f"task-{index:05d}.json", result)
+            yield index
+
+    stages = recipe.build_stages()
+    segments = plan_segments(stages)
+    task_fields = [asdict(t) for t in tasks]
+    first = (p | "List input files" >> beam.Create(task_fields)
+             | "Read files and run segment 0" >> beam.ParDo(
+                 ReadAndRunFirstSegment(recipe)).with_outputs("audit", main="rows"))
+    rows = first.rows
+    audits = [first.audit]
+    for seg in segments[:-1]:
+        i, stage = seg.index, seg.exit
+        if isinstance(stage, GlobalStage):
+            state = (rows | f"Summarize for {stage.name}" >> beam.ParDo(Summarize(recipe, i))
+                     | f"Merge summaries of {stage.name}" >> beam.CombineGlobally(
+                         MergeSummaries(stage))
+                     | f"Finalize {stage.name}" >> beam.Map(stage.finalize))
+        else:
+            state = (rows | f"Key rows for {stage.name}" >> beam.ParDo(KeyByPartition(recipe, i))
+                     | f"Group keys of {stage.name}" >> beam.GroupByKey()
+                     | f"Reduce groups of {stage.name}" >> beam.MapTuple(
+                         lambda part, tables, st=stage: (
+                             part, st.reduce(pa.concat_tables(list(tables)))))
+                     | f"Gather edges of {stage.name}" >> beam.CombineGlobally(ConcatTables())
+                     | f"Resolve {stage.name}" >> beam.Map(stage.resolve))
+        state = state | f"Save state of {stage.name}" >> beam.Map(save_state, i)
+        out = (rows | f"Run segment {i + 1}" >> beam.ParDo(
+            RunSegment(recipe, i + 1), state=pvalue.AsSingleton(state)).with_outputs(
+            "audit", main="rows"))
+        rows = out.rows
+        audits.append(out.audit)
+    keyed_rows = rows | "Key rows by file" >> beam.Map(lambda e: (e[0], (e[1], e[2])))
+    all_audits = audits | "Collect audits" >> beam.Flatten()
+    return ({"rows": keyed_rows, "audit": all_audits}
+            | "Group by file" >> beam.CoGroupByKey()
+            | "Write shards per file" >> beam.ParDo(WriteFile(recipe, len(segments) - 1)))
+
+
+class BeamEngine:
+    """Builds and runs the Beam pipeline; see the module docstring."""
+
+    name = "beam"
+
+    def __init__(self, recipe: Recipe, progress: bool = True) -> None:
+        self.recipe = recipe
+        self.progress = progress
+
+    def _runner_and_options(self):
+        from apache_beam.options.pipeline_options import PipelineOptions
+
+        spec = self.recipe.engine
+        options = dict(spec.beam_options)
+        runner = spec.runner or "fn_api"
+        if runner == "fn_api":
+            from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+            if spec.workers > 1:
+                options.setdefault("direct_num_workers", spec.workers)
+                options.setdefault("direct_running_mode", "multi_processing")
+            return FnApiRunner(), PipelineOptions(flags=[], **options)
+        if runner == "bundle_based":
+            from apache_beam.runners.direct.direct_runner import BundleBasedDirectRunner
+
+            return BundleBasedDirectRunner(), PipelineOptions(flags=[], **options)
+        if runner in ("DirectRunner", "PrismRunner"):
+            raise RecipeError(f"recipe error at engine.runner: {runner!r} downloads a runner "
+                              f"binary; use one of {', '.join(LOCAL_RUNNERS)} for a local run")
+        return runner, PipelineOptions(flags=[], runner=runner, **options)
+
+    def execute(self, tasks: list[InputTask], work: Path) -> EngineResult:
+        import apache_beam as beam
+
+        stages = self.recipe.build_stages()
+        segments = plan_segments(stages)
+        results_dir = work / "beam"
+        done = all((results_dir / f"task-{t.index:05d}.json").exists() for t in tasks)
+        if not done:
+            # a partial Beam run is not resumable task by task: start it over
+            for seg in segments:
+                for t in tasks:
+                    d = task_dir(work, seg.index, t.index)
+                    if d.exists():
+                        _remove_tree(d)
+            runner, options = self._runner_and_options()
+            if self.progress:
+                name = runner if isinstance(runner, str) else type(runner).__name__
+                print(f"beam: {len(tasks)} file(s), {len(segments)} segment(s) on {name}",
+                      flush=True)
+            with beam.Pipeline(runner=runner, options=options) as p:
+                _build_pipeline(beam, p, self.recipe, tasks, work)
+        per_task = []
+        for t in tasks:
+            res = json.loads((results_dir / f"task-{t.index:05d}.json").read_text())
+            per_task.append(TaskResult(index=t.index, file=res.get("file", {}),
+                                       stats=TaskStats.from_json(res["stats"]),
+                                       shards=res["shards"],
+                                       rejects_file=res.get("rejects_file"),
+                                       dropped_files=res["dropped_files"]))
+        artifacts: dict[str, dict[str, bytes]] = {}
+        for seg in segments[:-1]:
+            with open(work / f"seg{seg.index:02d}" / "state.pkl", "rb") as f:
+                state = pickle.load(f)
+            stage = next(s for s in stages if s.name == seg.exit.name)
+            files = stage.artifacts(state)
+            if files:
+                artifacts[stage.name] = files
+        return EngineResult(tasks=per_task, artifacts=artifacts,
+                            final_dir=work / f"seg{len(segments) - 1:02d}")
+
+
+def _remove_tree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
