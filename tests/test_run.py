@@ -196,3 +196,13 @@ def test_output_tokenize_writes_megatron_shards_matching_kept_rows(recipe_factor
     assert len(ds) == m["counts"]["kept"]
     first = pq.read_table(tmp_path / "ot" / m["shards"][0]["path"]).column("text")[0].as_py()
     assert list(ds[0]) == tok(first)["input_ids"] + [tok.eos_token_id]
+
+
+def test_counts_reconcile_when_a_mixture_repeats_rows(recipe_factory):
+    m = run_recipe(recipe_factory([{"stage": "mix", "sampler": "temperature",
+                                    "temperature": 1.0, "budget_tokens": 200_000}]),
+                   progress=False)
+    c = m["counts"]
+    assert c["added"] > 0 and c["stages"][0]["added"] == c["added"]
+    assert c["read"] + c["added"] == c["kept"] + c["dropped"] + c["rejected"]
+    assert c["reconciled"]

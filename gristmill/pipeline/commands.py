@@ -38,13 +38,16 @@ def _check(args: argparse.Namespace) -> int:
 
 def _print_summary(manifest: dict, out: Path) -> None:
     c = manifest["counts"]
+    added = f"  repeated {c['added']:,}" if c.get("added") else ""
     print(f"{manifest['name']}: read {c['read']:,}  kept {c['kept']:,}  dropped {c['dropped']:,}  "
-          f"rejected {c['rejected']:,}  ({'reconciled' if c['reconciled'] else 'NOT RECONCILED'})")
+          f"rejected {c['rejected']:,}{added}  "
+          f"({'reconciled' if c['reconciled'] else 'NOT RECONCILED'})")
     width = max([len(s["stage"]) for s in c["stages"]] + [5])
     for s in c["stages"]:
         reasons = ", ".join(f"{r}={n:,}" for r, n in s["dropped_by_reason"].items())
+        rep = f"  repeated {s['added']:,}" if s.get("added") else ""
         print(f"  {s['stage']:<{width}}  in {s['in']:>10,}  kept {s['kept']:>10,}"
-              f"  dropped {s['dropped']:>9,}  {reasons}")
+              f"  dropped {s['dropped']:>9,}{rep}  {reasons}")
     total = sum(sh["bytes"] for sh in manifest["shards"])
     print(f"  shards: {len(manifest['shards'])} ({total / 1e6:,.1f} MB) in {out / 'shards'}")
     if manifest.get("rejects"):

@@ -76,9 +76,11 @@ class TaskStats:
     domains_out: dict[str, list[int]] = field(default_factory=dict)
 
     def count(self, stage: str, n_in: int, out: StageOutput) -> None:
-        c = self.counts.setdefault(stage, {"in": 0, "kept": 0, "dropped": {}})
+        c = self.counts.setdefault(stage, {"in": 0, "kept": 0, "added": 0, "dropped": {}})
         c["in"] += n_in
         c["kept"] += out.kept.num_rows
+        # a stage may repeat rows (a mixture upsampling a domain): count the copies
+        c["added"] += max(0, out.kept.num_rows + out.dropped.num_rows - n_in)
         if out.dropped.num_rows:
             vc = pc.value_counts(out.dropped.column("reason")).to_pylist()
             for item in vc:
@@ -106,9 +108,10 @@ class TaskStats:
 
     def merge(self, other: TaskStats) -> TaskStats:
         for stage, c in other.counts.items():
-            mine = self.counts.setdefault(stage, {"in": 0, "kept": 0, "dropped": {}})
+            mine = self.counts.setdefault(stage, {"in": 0, "kept": 0, "added": 0, "dropped": {}})
             mine["in"] += c["in"]
             mine["kept"] += c["kept"]
+            mine["added"] += c.get("added", 0)
             for r, n in c["dropped"].items():
                 mine["dropped"][r] = mine["dropped"].get(r, 0) + n
         for where in ("in", "out"):

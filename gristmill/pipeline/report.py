@@ -34,7 +34,7 @@ def funnel_plot(counts: dict[str, Any]) -> str:
     kept = [counts["read"] - counts["rejected"]] + [None] * len(stages)
     cur = kept[0]
     for i, s in enumerate(stages):
-        cur = cur - s["dropped"]
+        cur = cur - s["dropped"] + s.get("added", 0)
         kept[i + 1] = cur
     fig, ax = plt.subplots(figsize=(7, 0.5 + 0.45 * len(labels)))
     y = np.arange(len(labels))[::-1]
@@ -119,7 +119,7 @@ img{{display:block;margin:1em 0;max-width:100%}}</style></head><body>
 <h1>gristmill run: {html.escape(manifest['name'])}</h1>
 <p>read {c['read']:,} records; kept {c['kept']:,}; dropped {c['dropped']:,}; rejected
 {c['rejected']:,}; counts {'reconcile' if c['reconciled'] else '<b>DO NOT reconcile</b>'}
-(read = kept + dropped + rejected). {len(manifest['shards'])} shard(s),
+(read + repeated = kept + dropped + rejected; {c.get('added', 0):,} repeated by a mixture). {len(manifest['shards'])} shard(s),
 {total_bytes / 1e6:,.2f} MB. Recipe fingerprint <code>{manifest['fingerprint'][:16]}</code>.</p>
 <h2>Stages</h2><table><tr><th>stage</th><th>type</th><th>in</th><th>kept</th><th>dropped</th>
 <th>reasons</th></tr>{rows}</table>

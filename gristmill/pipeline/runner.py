@@ -244,9 +244,9 @@ def _commit(recipe: Recipe, out: Path, tasks: list[InputTask], result: EngineRes
     dropped = sum(reason_totals(stats.counts).values())
     stage_counts = []
     for spec_stage in recipe.build_stages():
-        c = stats.counts.get(spec_stage.name, {"in": 0, "kept": 0, "dropped": {}})
+        c = stats.counts.get(spec_stage.name, {"in": 0, "kept": 0, "added": 0, "dropped": {}})
         stage_counts.append({"stage": spec_stage.name, "type": spec_stage.type_name,
-                             "in": c["in"], "kept": c["kept"],
+                             "in": c["in"], "kept": c["kept"], "added": c.get("added", 0),
                              "dropped": sum(c["dropped"].values()),
                              "dropped_by_reason": dict(sorted(c["dropped"].items()))})
     schema = []
@@ -254,8 +254,10 @@ def _commit(recipe: Recipe, out: Path, tasks: list[InputTask], result: EngineRes
         first = out / shards[0]["path"]
         if recipe.output.format == "parquet":
             schema = [{"name": f.name, "type": str(f.type)} for f in pq.read_schema(first)]
-    counts = {"read": read, "rejected": rejected, "dropped": dropped, "kept": written,
-              "reconciled": read == written + dropped + rejected, "stages": stage_counts}
+    added = sum(c["added"] for c in stage_counts)
+    counts = {"read": read, "rejected": rejected, "dropped": dropped, "added": added,
+              "kept": written, "reconciled": read + added == written + dropped + rejected,
+              "stages": stage_counts}
     manifest = {
         "gristmill_version": gristmill.__version__,
         "name": recipe.name,
