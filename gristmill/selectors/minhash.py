@@ -47,7 +47,7 @@ LEGACY_MAX = np.uint64((1 << 32) - 1)
 # records per sub-batch: bounds the memory of the byte-level hashing arrays
 SUB_BATCH = 512
 # shingles per chunk of the (shingles x num_perm) permutation matrix (fits L2)
-PERM_CHUNK = 1024
+PERM_CHUNK = 2048
 
 _M1 = np.uint64(0xFF51AFD7ED558CCD)
 _M2 = np.uint64(0xC4CEB9FE1A85EC53)
