@@ -38,7 +38,7 @@ __device__ __forceinline__ void push_lse(float& m, float& s, float z) {
   if (z > m) {
     s = (m == -INFINITY ? 0.f : s * __expf(m - z)) + 1.f;
     m = z;
-  } else {
+  } else if (m != -INFINITY) {  // else z = m = -inf (a masked logit): adds nothing
     s += __expf(z - m);
   }
 }
