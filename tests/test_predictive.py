@@ -125,6 +125,16 @@ TEXTS = ["the mill grinds grain into flour every morning",
          "a farmer brings barley and oats to the market\nand sells them by the sack"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: threads only add synchronization on a shared machine
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory):
     from gristmill.trainers.tiny import build_tiny_lm, build_tokenizer
@@ -139,17 +149,16 @@ def tiny_models(tmp_path_factory):
 
 
 def test_stage_adds_strength_from_per_model_bpc(tiny_models):
-    from gristmill.scorers.likelihood import load_model, score_texts
+    from gristmill.scorers.likelihood import score_texts
 
     models = [{"path": p, "score": float(s)} for p, s in zip(tiny_models, (30, 10, 20), strict=True)]
-    stage = PredictiveStrength({"models": models, "max_length": 16, "stride": 8},
-                               name="ps")
+    stage = PredictiveStrength({"models": models, "max_length": 16, "stride": 8,
+                                "device": "cpu"}, name="ps")
     out = stage.process(pa.table({"id": [str(i) for i in range(len(TEXTS))], "text": TEXTS}))
     kept = out.kept
     bpc = np.array([[np.nan if v is None else v for v in row]
                     for row in kept.column("ps_bpc").to_pylist()])
-    for k, p in enumerate(tiny_models):
-        m, t = load_model(p, "cpu", "float32")
+    for k, (m, t) in enumerate(stage._loaded):
         ref = score_texts(m, t, TEXTS, max_length=16, stride=8).bpc
         np.testing.assert_allclose(bpc[:, k], ref, rtol=1e-6)
     expected = predictive_strength(bpc, [30, 10, 20])
