@@ -14,6 +14,7 @@
 #include <cuda_runtime.h>
 
 #include <cmath>
+#include <cstdint>
 
 #include "logprob_kernels.h"
 
@@ -51,7 +52,19 @@ __device__ __forceinline__ void warp_merge_lse(float& m, float& s) {
   }
 }
 
-// One warp per token row of the tile.
+// Four values into a running (m, s): one rescale at most per four exponentials.
+__device__ __forceinline__ void push4_lse(float& m, float& s, float4 v) {
+  const float top = fmaxf(fmaxf(v.x, v.y), fmaxf(v.z, v.w));
+  if (top > m) {
+    s = m == -INFINITY ? 0.f : s * __expf(m - top);
+    m = top;
+  }
+  if (m != -INFINITY) s += __expf(v.x - m) + __expf(v.y - m) + __expf(v.z - m) + __expf(v.w - m);
+}
+
+// One warp per token row of the tile. Rows are read as float4 when the tile width
+// and the bias allow it, with several loads in flight per lane: the tile comes from
+// L2, so this kernel is bound by load latency unless many loads are outstanding.
 __global__ void online_lse_tile_kernel(const float* __restrict__ logits, int64_t rows,
                                        int64_t cols, int64_t row0, int64_t v0,
                                        const float* __restrict__ bias,
@@ -65,7 +78,27 @@ __global__ void online_lse_tile_kernel(const float* __restrict__ logits, int64_t
   const float* b = bias == nullptr ? nullptr : bias + v0;
   float m = -INFINITY;
   float s = 0.f;
-  for (int64_t j = lane; j < cols; j += kWarp) push_lse(m, s, b ? z[j] + b[j] : z[j]);
+  const bool aligned = cols % 4 == 0 && reinterpret_cast<uintptr_t>(z) % 16 == 0 &&
+                       (b == nullptr || reinterpret_cast<uintptr_t>(b) % 16 == 0);
+  if (aligned) {
+    const float4* z4 = reinterpret_cast<const float4*>(z);
+    const float4* b4 = reinterpret_cast<const float4*>(b);
+    const int64_t cols4 = cols / 4;
+#pragma unroll 4
+    for (int64_t j = lane; j < cols4; j += kWarp) {
+      float4 v = z4[j];
+      if (b4 != nullptr) {
+        const float4 bj = b4[j];
+        v.x += bj.x;
+        v.y += bj.y;
+        v.z += bj.z;
+        v.w += bj.w;
+      }
+      push4_lse(m, s, v);
+    }
+  } else {
+    for (int64_t j = lane; j < cols; j += kWarp) push_lse(m, s, b ? z[j] + b[j] : z[j]);
+  }
   warp_merge_lse(m, s);
   if (lane == 0) {
     const int64_t i = row0 + r;
