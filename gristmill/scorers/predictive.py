@@ -43,7 +43,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -260,7 +260,7 @@ class PredictiveStrengthParams(StageParams):
     stride: int | None = Field(None, ge=1)
     batch_size: int = Field(16, ge=1)
     device: str = "auto"
-    dtype: str = Field("auto", pattern="^(auto|float32|bfloat16|float16)$")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     progress: bool = False
 
     @field_validator("models")
