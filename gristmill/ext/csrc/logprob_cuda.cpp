@@ -70,8 +70,14 @@ at::Tensor token_logprobs(const at::Tensor& hidden, const at::Tensor& weight,
                 "bias must be a CUDA tensor of shape [V]");
     b32 = bias->to(at::kFloat).contiguous();
   }
-  const int64_t tt = std::min(token_tile, n);
+  // Fewer, larger tiles cost less per tile launched (measured on an H200: bf16,
+  // N=8192, V=131072, 1024x4096 tiles 0.75x the naive time, 2048x4096 0.54x), but
+  // the buffer is kept within 1% of what the naive path allocates (8 N V bytes: fp32
+  // logits and their log_softmax), never below a 1024 x 4096 tile (16 MiB).
   const int64_t vt_max = std::min(vocab_tile, vocab);
+  const int64_t budget = std::max<int64_t>(int64_t{1} << 22, n * vocab / 50);
+  int64_t tt = std::min(token_tile, n);
+  while (tt > 1024 && tt * vt_max > budget) tt = (tt + 1) / 2;
   at::Tensor buffer = at::empty({tt * vt_max}, f32);
   at::Tensor run_max = at::full({n}, -std::numeric_limits<float>::infinity(), f32);
   at::Tensor run_sum = at::zeros({n}, f32);
@@ -128,7 +134,7 @@ at::Tensor token_logprobs_from_logits(const at::Tensor& logits, const at::Tensor
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("token_logprobs", &token_logprobs, "log p(target) per token from hidden states",
              py::arg("hidden"), py::arg("weight"), py::arg("targets"), py::arg("bias"),
-             py::arg("ignore_index"), py::arg("token_tile") = 1024, py::arg("vocab_tile") = 4096);
+             py::arg("ignore_index"), py::arg("token_tile") = 2048, py::arg("vocab_tile") = 4096);
   module.def("token_logprobs_from_logits", &token_logprobs_from_logits,
              "log p(target) per token from logits", py::arg("logits"), py::arg("targets"),
              py::arg("ignore_index"));
