@@ -165,8 +165,8 @@ class Experiment:
         return float(np.mean(accs))
 
 
-def fit_and_score(P, ot_vals, y, train, test) -> tuple[ProjektorPredictor, float, float]:
-    pred = ProjektorPredictor.fit(P[train], ot_vals[train], y[train])
+def fit_and_score(P, ot_vals, y, train, test, ridge: float = 0.0) -> tuple[ProjektorPredictor, float, float]:
+    pred = ProjektorPredictor.fit(P[train], ot_vals[train], y[train], ridge=ridge)
     yhat = pred.predict(P[test], ot_vals[test])
     return pred, mean_absolute_error(y[test], yhat), r2_score(y[test], yhat)
 
@@ -188,9 +188,11 @@ def run(task: Task, seed: int = 0) -> dict:
                  "points": len(task.y), "predictor": {}}
     for split, (tr, te) in splits.items():
         for n in (task.n0, task.n1):
-            _, mae, r2 = fit_and_score(P, ot_vals, acc[n], tr, te)
-            out["predictor"][f"{split} N={n}"] = {"mae": mae, "r2": r2, "train": len(tr),
-                                                  "test": len(te)}
+            # ridge 0 is the paper's plain least squares; 0.01 shows what shrinkage buys.
+            for ridge in (0.0, 0.01):
+                _, mae, r2 = fit_and_score(P, ot_vals, acc[n], tr, te, ridge)
+                out["predictor"][f"{split} N={n} ridge={ridge}"] = {
+                    "mae": mae, "r2": r2, "train": len(tr), "test": len(te)}
     # Both predictors on all pilots, projected to n_big.
     pred0 = ProjektorPredictor.fit(P, ot_vals, acc[task.n0])
     pred1 = ProjektorPredictor.fit(P, ot_vals, acc[task.n1])
@@ -224,6 +226,8 @@ def run(task: Task, seed: int = 0) -> dict:
             "predicted": float(sp.predict(p[None], *(2 * [ex.mot.distance(p)[0]]), task.n_big)[0]),
             "measured": ex.accuracy(p, task.n_big, seed=9000),
         }
+    out["ot_range"] = [float(ot_vals.min()), float(ot_vals.max())]
+    out["corr_ot_accuracy_n1"] = float(np.corrcoef(ot_vals, acc[task.n1])[0, 1])
     out["seconds"] = time.time() - t0
     plot(task, measured, projected, direct, P, acc, ot_vals)
     return out
