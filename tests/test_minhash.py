@@ -7,7 +7,6 @@ from collections import defaultdict
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pytest
 from datasketch import LeanMinHash, MinHash, MinHashLSH
 from datasketch.lsh import _optimal_param
@@ -29,7 +28,7 @@ TEXTS = [" ".join(f"w{RNG_TEXTS.randint(0, 3000)}" for _ in range(RNG_TEXTS.rand
 
 
 def _datasketch_shingles(text: str, shingle: str, n: int) -> list[bytes]:
-    words = pc.utf8_split_whitespace(_normalize(pa.array([text]), True))[0].as_py()
+    words = _normalize(pa.array([text]), True)[0].as_py().split()
     s = " ".join(words)
     if shingle == "word":
         return [" ".join(words[i:i + n]).encode() for i in range(max(len(words) - n + 1, 1))
@@ -58,6 +57,16 @@ def test_fast_hash_signatures_equal_datasketch_fed_the_same_shingle_hashes(schem
         for v in h[d == i]:
             m.update(int(v))
         assert np.array_equal(m.hashvalues.astype(np.uint64), sig[i].astype(np.uint64)), i
+
+
+def test_fast_and_sha1_hashes_shingle_the_same_words_and_skip_empty_texts():
+    texts = pa.array(TEXTS + [None, "... !!", " - "])
+    for shingle in ("word", "char"):
+        _, fast_docs = shingle_hashes(texts, shingle, 3, True, "fast")
+        _, sha1_docs = shingle_hashes(texts, shingle, 3, True, "sha1")
+        fast_n = np.bincount(fast_docs, minlength=len(texts))
+        assert np.array_equal(fast_n, np.bincount(sha1_docs, minlength=len(texts)))
+        assert fast_n[len(TEXTS) - 2] == 0 and fast_n[-3:].sum() == 0  # "", None, punctuation
 
 
 def test_signatures_load_into_datasketch_lsh_and_find_the_near_duplicate():

@@ -138,8 +138,11 @@ def _hash_tokens(words: pa.Array) -> np.ndarray:
     pos = np.arange(data.size, dtype=np.int64) - np.repeat(starts, lens)
     v = (data.astype(np.uint64) + np.uint64(1)) * _MULT[pos & 63]
     v += (pos >> 6).astype(np.uint64) * _MULT[64]
-    acc = np.add.reduceat(v, starts) if data.size else np.zeros(lens.size, np.uint64)
-    acc[lens == 0] = 0  # reduceat returns the next element for empty segments
+    acc = np.zeros(lens.size, np.uint64)
+    nonempty = lens > 0
+    if nonempty.any():
+        # empty strings own no bytes: the non-empty starts delimit every word's bytes
+        acc[nonempty] = np.add.reduceat(v, starts[nonempty])
     return fmix64(acc ^ (lens.astype(np.uint64) * _MULT[65]))
 
 
@@ -171,6 +174,25 @@ def _ngrams(tok: np.ndarray, counts: np.ndarray, n: int) -> tuple[np.ndarray, np
     return fmix64(np.concatenate(out_h)), np.concatenate(out_d).astype(np.int64)
 
 
+def _word_tokens(texts: pa.Array, normalize: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Hash of every word and words per text. Words are split first and each
+    distinct word of the batch is normalized and hashed once (text repeats words
+    a lot); words that normalize to nothing (punctuation) are dropped, which
+    gives the words of normalize-then-split."""
+    lists = pc.utf8_split_whitespace(pc.fill_null(texts, ""))
+    counts = pc.list_value_length(lists).to_numpy(zero_copy_only=False).astype(np.int64)
+    codes = pc.dictionary_encode(pc.list_flatten(lists))
+    vocab = _normalize(codes.dictionary, normalize)
+    idx = codes.indices.to_numpy(zero_copy_only=False)
+    empty = (pc.utf8_length(vocab).to_numpy(zero_copy_only=False) == 0)
+    if empty.any():
+        keep = ~empty[idx]
+        docs = np.repeat(np.arange(counts.size), counts)
+        counts = np.bincount(docs[keep], minlength=counts.size).astype(np.int64)
+        idx = idx[keep]
+    return _hash_tokens(vocab)[idx], counts
+
+
 def shingle_hashes(texts: pa.Array, shingle: str = "word", ngram: int = 5,
                    normalize: bool = True, hash: str = "fast") -> tuple[np.ndarray, np.ndarray]:
     """32-bit hashes of every shingle of every text, and the text index of each.
@@ -185,19 +207,14 @@ def shingle_hashes(texts: pa.Array, shingle: str = "word", ngram: int = 5,
     """
     if isinstance(texts, pa.ChunkedArray):
         texts = texts.combine_chunks()
-    norm = _normalize(texts, normalize)
-    lists = pc.utf8_split_whitespace(norm)
-    if shingle == "char":
-        norm = pc.binary_join(lists, " ")
-    if hash == "sha1":
-        return _sha1_shingles(norm, lists, shingle, ngram)
-    if shingle == "word":
-        counts = pc.fill_null(pc.list_value_length(lists), 0).to_numpy().astype(np.int64)
-        # hash each distinct word of the batch once (real text repeats words a lot)
-        codes = pc.dictionary_encode(pc.list_flatten(lists)).combine_chunks() \
-            if isinstance(lists, pa.ChunkedArray) else pc.dictionary_encode(pc.list_flatten(lists))
-        tok = _hash_tokens(codes.dictionary)[codes.indices.to_numpy(zero_copy_only=False)]
+    if shingle == "word" and hash == "fast":
+        tok, counts = _word_tokens(texts, normalize)
     else:
+        norm = _normalize(texts, normalize)
+        if shingle == "char":
+            norm = pc.replace_substring_regex(pc.utf8_trim_whitespace(norm), r"\s+", " ")
+        if hash == "sha1":
+            return _sha1_shingles(norm, shingle, ngram)
         counts = pc.utf8_length(norm).to_numpy(zero_copy_only=False).astype(np.int64)
         joined = "".join(norm.to_pylist())  # one string: a single utf-32 decode for all
         cps = np.frombuffer(joined.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
@@ -206,12 +223,13 @@ def shingle_hashes(texts: pa.Array, shingle: str = "word", ngram: int = 5,
     return (h >> np.uint64(32)).astype(np.uint32), d
 
 
-def _sha1_shingles(norm: pa.Array, lists: pa.Array, shingle: str,
-                   n: int) -> tuple[np.ndarray, np.ndarray]:
+def _sha1_shingles(norm: pa.Array, shingle: str, n: int) -> tuple[np.ndarray, np.ndarray]:
     hs: list[int] = []
     ds: list[int] = []
-    items = lists.to_pylist() if shingle == "word" else norm.to_pylist()
+    items = norm.to_pylist()
     for d, item in enumerate(items):
+        if shingle == "word":
+            item = item.split()
         if not item:
             continue
         if shingle == "word":
