@@ -7,8 +7,9 @@ Steps (each through gristmill's own pieces):
    (a sparse first-order Markov chain), ``code`` (nested brackets and
    identifiers), ``boiler`` (a few fixed boilerplate sentences),
    ``facts`` (templated attribute sentences) and ``noise`` (uniform random
-   words). The target task is held-out ``arith`` questions in another format
-   (``q : what is seven plus five ? a : twelve .``), never in the pool.
+   words). The target task is held-out ``arith`` documents (drawn with
+   another seed, never in the pool): the stand-in for a benchmark whose
+   domain is one slice of the corpus.
 2. Model family. ``K`` tiny Llama models (``trainers/lm.py``), the same size
    and steps, trained on the pool with different domain mixtures: model
    ``k`` gives ``arith`` an increasing share and the other domains random
@@ -52,17 +53,14 @@ NUM = ("zero one two three four five six seven eight nine ten eleven twelve thir
 DOMAINS = ("arith", "story", "code", "boiler", "facts", "noise")
 
 
-def _arith(rng: np.random.Generator, qa: bool = False) -> str:
+def _arith(rng: np.random.Generator) -> str:
     out = []
     for _ in range(int(rng.integers(4, 9))):
         a, b = (int(x) for x in rng.integers(0, 16, 2))
         op = rng.choice(["plus", "minus"]) if a >= b else "plus"
         c = a + b if op == "plus" else a - b
-        if qa:
-            out.append(f"q : what is {NUM[a]} {op} {NUM[b]} ? a : {NUM[c]} .")
-        else:
-            verb = rng.choice(["makes", "is", "gives", "equals"])
-            out.append(f"{NUM[a]} {op} {NUM[b]} {verb} {NUM[c]} .")
+        verb = rng.choice(["makes", "is", "gives", "equals"])
+        out.append(f"{NUM[a]} {op} {NUM[b]} {verb} {NUM[c]} .")
     return " ".join(out)
 
 
@@ -175,7 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/_work/preselect")
     ap.add_argument("--pool", type=int, default=12000, help="documents in the pool")
-    ap.add_argument("--probe", type=float, default=0.2, help="fraction of the pool probed")
+    ap.add_argument("--probe", type=float, default=0.5, help="fraction of the pool probed")
     ap.add_argument("--family", type=int, default=5)
     ap.add_argument("--family-steps", type=int, default=150)
     ap.add_argument("--arm-steps", type=int, default=120)
@@ -207,7 +205,7 @@ def main(argv: list[str] | None = None) -> dict:
     pool = build_pool(args.pool, shares, seed=0)
     pq.write_table(pa.Table.from_pylist(pool), out / "pool.parquet")
     rng = np.random.default_rng(99)
-    target = [{"id": f"t{i}", "text": _arith(rng, qa=True), "domain": "target"} for i in range(300)]
+    target = [{"id": f"t{i}", "text": _arith(rng), "domain": "target"} for i in range(300)]
     args.tokenizer = str(out / "tokenizer")
     build_tokenizer([r["text"] for r in pool[:3000]] + [r["text"] for r in target[:50]],
                     vocab_size=700, path=args.tokenizer)
@@ -221,8 +219,10 @@ def main(argv: list[str] | None = None) -> dict:
     frng = np.random.default_rng(7)
     family = []
     others = [d for d in DOMAINS if d != "arith"]
+    # geometric shares: the target loss keeps improving over the whole range
+    arith_shares = np.geomspace(0.01, 0.2, args.family)
     for k in range(args.family):
-        arith = 0.02 + 0.3 * k / max(1, args.family - 1)
+        arith = float(arith_shares[k])
         rest = frng.dirichlet(np.ones(len(others))) * (1 - arith)
         weights = dict(zip(others, rest.tolist(), strict=True), arith=arith)
         domains = sorted(weights)
@@ -236,13 +236,21 @@ def main(argv: list[str] | None = None) -> dict:
     # 3. probe: predictive strength and labels on a sample of the pool
     t0 = time.time()
     models = [{"path": m["path"], "score": m["score"]} for m in family]
-    _run({"name": "probe", "seed": 0, "sources": [{"path": str(out / "pool.parquet")}],
+    # Two runs so that the strength of every probed document can be reported;
+    # `gristmill preselect probe` runs the three stages in one.
+    _run({"name": "strength", "seed": 0, "sources": [{"path": str(out / "pool.parquet")}],
           "stages": [{"stage": "sample", "fraction": args.probe},
                      {"stage": "predictive_strength", "models": models, "device": "cpu",
-                      "batch_size": 32},
-                     {"stage": "preselect_label"}],
+                      "batch_size": 32}],
+          "output": {"path": str(out / "strength")},
+          "engine": {"kind": "local", "workers": 1, "batch_size": 512}}, out / "strength.yaml")
+    probed = _read_shards(out / "strength")
+    _run({"name": "probe", "seed": 0,
+          "sources": [{"path": str(out / "strength" / "shards"), "columns": [
+              "predictive_strength", "predictive_strength_concordant"]}],
+          "stages": [{"stage": "preselect_label"}],
           "output": {"path": str(out / "probe")},
-          "engine": {"kind": "local", "workers": 1, "batch_size": 512}}, out / "probe.yaml")
+          "engine": {"kind": "local", "workers": 1, "batch_size": 4096}}, out / "probe.yaml")
     labelled = _read_shards(out / "probe")
     label_info = json.loads((out / "probe" / "artifacts" / "preselect_label" /
                              "labels.json").read_text())
@@ -297,13 +305,13 @@ def main(argv: list[str] | None = None) -> dict:
     bar.close()
 
     # report
-    s = np.array([r["predictive_strength"] for r in labelled], dtype=float)
     strength_by_domain = {}
-    probe_all = {r["id"]: r for r in labelled}
     for d in DOMAINS:
-        sd = [r["predictive_strength"] for r in probe_all.values() if r["domain"] == d]
-        if sd:
-            strength_by_domain[d] = round(float(np.mean(sd)), 3)
+        sd = np.array([r["predictive_strength"] for r in probed if r["domain"] == d], dtype=float)
+        if sd.size:
+            strength_by_domain[d] = {"mean": round(float(np.nanmean(sd)), 3),
+                                     "share_S1": round(float(np.mean(sd >= 1 - 1e-9)), 4),
+                                     "docs": int(sd.size)}
     label_by_domain = {d: {"pos": sum(1 for r in labelled if r["domain"] == d and r["preselect_label"] == 1),
                            "neg": sum(1 for r in labelled if r["domain"] == d and r["preselect_label"] == 0)}
                        for d in DOMAINS}
@@ -311,7 +319,7 @@ def main(argv: list[str] | None = None) -> dict:
         "family": [{"target_loss": -m["score"], "arith_share": round(m["weights"]["arith"], 3)}
                    for m in family],
         "labels": label_info, "label_domains": label_by_domain,
-        "mean_strength_of_labelled_by_domain": strength_by_domain,
+        "strength_by_domain": strength_by_domain,
         "fasttext_auc": ft.auc,
         "arith_char_share": {"pool": _share(pool, "arith"),
                              **{a: _share(selections[a], "arith") for a in arms_sel},
@@ -323,7 +331,6 @@ def main(argv: list[str] | None = None) -> dict:
                         for a, rs in results.items()},
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
         "total_s": round(time.time() - t_start, 1),
-        "strength_sanity": float(np.nanmean(s)),
     }
     _plot(results, out / "preselect_validation.png")
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
