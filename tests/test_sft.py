@@ -86,3 +86,26 @@ def test_config_rejects_bad_values_naming_the_field():
         SFTConfig(steps=0)
     with pytest.raises(ValueError, match="learning_rate"):
         SFTConfig(learning_rate=1e-3)
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_train_with_ddp_and_rank_zero_saves(base, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    shard = tmp_path / "train.parquet"
+    pq.write_table(pa.table({"prompt": [p for p, _ in PAIRS], "response": [r for _, r in PAIRS]}),
+                   shard)
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "-m", "gristmill.trainers.sft", "--model", str(base), "--data", str(shard),
+         "--out", str(tmp_path / "out"), "--steps", "3", "--batch-size", "2", "--device", "cpu"],
+        capture_output=True, text=True, env=env, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("sft: 3 steps") == 1  # only rank 0 reports and saves
+    curves = json.loads((tmp_path / "out" / "curves.json").read_text())
+    assert len(curves["train_loss"]) == 3

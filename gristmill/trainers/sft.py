@@ -260,12 +260,14 @@ def train_examples(
     device = _device(cfg.device)
     model.to(device).train()
     net = model
+    owns_group = False
     if world > 1:
         import torch.distributed as dist
         from torch.nn.parallel import DistributedDataParallel
 
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            owns_group = True
         if device.type == "cuda":
             torch.cuda.set_device(device)
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
@@ -315,6 +317,8 @@ def train_examples(
             curves.eval_step.append(step + 1)
             curves.eval_loss.append(evaluate_loss(model, eval_set, pad_id=pad_id, bf16=cfg.bf16))
     curves.seconds = time.perf_counter() - t_start
+    if owns_group:
+        torch.distributed.destroy_process_group()
     model.eval()
     return curves
 
