@@ -399,7 +399,8 @@ class MinHashDedup(ClusterDedup):
     Params: ClassVar = MinHashDedupParams
     reason = "near_duplicate"
 
-    def __init__(self, params=None, *, name: str | None = None, seed: int = 0) -> None:
+    def __init__(self, params: MinHashDedupParams | dict | None = None, *,
+                 name: str | None = None, seed: int = 0) -> None:
         super().__init__(params, name=name, seed=seed)
         p = self.params
         if p.bands is not None:

@@ -33,12 +33,15 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
+import threading
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from tqdm.auto import tqdm
 
 from gristmill.pipeline.engines.local import EngineResult, TaskResult, task_dir
 from gristmill.pipeline.execution import (
@@ -309,18 +312,18 @@ class BeamEngine:
         done = all((results_dir / f"task-{t.index:05d}.json").exists() for t in tasks)
         if not done:
             # a partial Beam run is not resumable task by task: start it over
+            _remove_tree(results_dir)
             for seg in segments:
                 for t in tasks:
                     d = task_dir(work, seg.index, t.index)
                     if d.exists():
                         _remove_tree(d)
             runner, options = self._runner_and_options()
-            if self.progress:
-                name = runner if isinstance(runner, str) else type(runner).__name__
-                print(f"beam: {len(tasks)} file(s), {len(segments)} segment(s) on {name}",
-                      flush=True)
-            with beam.Pipeline(runner=runner, options=options) as p:
-                _build_pipeline(beam, p, self.recipe, tasks, work)
+            name = runner if isinstance(runner, str) else type(runner).__name__
+            with _FilesWrittenBar(results_dir, len(tasks), f"beam on {name}",
+                                  self.progress):
+                with beam.Pipeline(runner=runner, options=options) as p:
+                    _build_pipeline(beam, p, self.recipe, tasks, work)
         per_task = []
         for t in tasks:
             res = json.loads((results_dir / f"task-{t.index:05d}.json").read_text())
@@ -342,6 +345,35 @@ class BeamEngine:
 
 
 def _remove_tree(path: Path) -> None:
-    import shutil
-
     shutil.rmtree(path, ignore_errors=True)
+
+
+class _FilesWrittenBar:
+    """A progress bar of input files whose shards are written, polled from the
+    result files while the pipeline runs (Beam reports no progress itself)."""
+
+    def __init__(self, folder: Path, total: int, desc: str, enabled: bool) -> None:
+        self.folder, self.total, self.desc, self.enabled = folder, total, desc, enabled
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _poll(self) -> None:
+        bar = tqdm(total=self.total, desc=self.desc, unit="file", dynamic_ncols=True)
+        while True:
+            stopping = self._stop.wait(0.5)
+            done = len(list(self.folder.glob("task-*.json"))) if self.folder.exists() else 0
+            bar.update(done - bar.n)
+            if stopping:
+                break
+        bar.close()
+
+    def __enter__(self) -> _FilesWrittenBar:
+        if self.enabled:
+            self._thread = threading.Thread(target=self._poll, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
