@@ -94,7 +94,7 @@ def test_dask_on_a_given_scheduler_gives_the_local_engine_output(dup_corpus, tmp
                                                                 local_result):
     from dask.distributed import LocalCluster
 
-    with LocalCluster(n_workers=1, threads_per_worker=2, processes=True,
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
                       dashboard_address=None, host="127.0.0.1") as cluster:
         out = tmp_path / "out"
         got = _summary(out, _run(dup_corpus, out, kind="dask", scheduler=cluster.scheduler_address,
