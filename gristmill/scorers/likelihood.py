@@ -284,6 +284,7 @@ def score_sequences(
     lengths = np.array([e - b for _, b, e, _ in windows])
     head = model.get_output_embeddings()
     body = model.base_model
+    weight = bias = None
     bar = tqdm(total=len(windows), desc="lm likelihood", unit="win", disable=not progress)
     with torch.inference_mode():
         for idx in _batches(lengths, batch_size, max_batch_tokens):
@@ -308,9 +309,13 @@ def score_sequences(
             if fused:
                 hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state
                 h = hidden[r_t, c_t]
-                bias = getattr(head, "bias", None)
-                lp = token_logprobs(h, head.weight, targets,
-                                    bias.to(h.dtype) if bias is not None else None)
+                if weight is None:
+                    # A head kept in another dtype than the body (mixed-precision
+                    # checkpoints) is cast once, not per batch.
+                    weight = head.weight.to(h.dtype)
+                    bias = getattr(head, "bias", None)
+                    bias = bias.to(h.dtype) if bias is not None else None
+                lp = token_logprobs(h, weight, targets, bias)
             else:
                 logits = model(input_ids=ids, attention_mask=mask).logits
                 lp = token_logprobs_from_logits(logits[r_t, c_t], targets)
