@@ -23,8 +23,9 @@ Measured:
 2. extrapolation: predicted accuracy at N > N1 (parameter-free log-N
    projection of both fitted predictors) vs accuracy actually measured at N;
 3. optimization: projected gradient on the simplex of the projected predictor
-   (gradient of OT from dual potentials), vs the uniform mixture and the best
-   pilot mixture, all measured at N.
+   (gradient of OT from dual potentials), vs the mixture of least OT to the
+   target (no pilots needed), the uniform mixture and the best pilot
+   mixture, all measured at N.
 
 OT feature: exact OT between the target and fixed per-source pools reweighted
 to p (``MixtureOT``); the paper computes OT on each pilot sample instead. The
@@ -218,7 +219,10 @@ def run(task: Task, seed: int = 0) -> dict:
 
     res = optimize_mixture(objective, np.full(3, 1 / 3), steps=40, lr=0.2, maximize=True)
     best_pilot = P[int(np.argmax(acc[task.n1]))]
-    arms = {"optimized": res.p, "uniform": np.full(3, 1 / 3), "best pilot (N1)": best_pilot}
+    # OT alone, no pilots: the mixture closest to the target.
+    closest = optimize_mixture(ex.mot.distance, np.full(3, 1 / 3), steps=40, lr=0.2).p
+    arms = {"optimized": res.p, "min OT (no pilots)": closest, "uniform": np.full(3, 1 / 3),
+            "best pilot (N1)": best_pilot}
     out["optimization"] = {}
     for name, p in arms.items():
         out["optimization"][name] = {
