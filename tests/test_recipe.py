@@ -97,3 +97,15 @@ def test_cli_check_exits_2_and_reads_no_data(tmp_path):
     assert bad.returncode == 2
     assert "stages[0].fraction" in bad.stderr and "less than or equal to 1" in bad.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_stages_resolve_relative_paths_against_the_recipe_folder(tmp_path, monkeypatch):
+    sub = tmp_path / "recipes"
+    sub.mkdir()
+    (tmp_path / "in.jsonl").write_text('{"text": "x"}\n')
+    (sub / "r.yaml").write_text("sources: [{path: ../in.jsonl}]\n"
+                                "stages: [{stage: sample, fraction: 0.5}]\noutput: {path: ../o}\n")
+    monkeypatch.chdir("/")
+    stage = load_recipe(sub / "r.yaml").build_stages()[0]
+    assert stage.resolve_path("../models/m") == str(tmp_path / "models" / "m")
+    assert stage.resolve_path("/abs/m") == "/abs/m"

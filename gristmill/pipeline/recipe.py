@@ -215,6 +215,7 @@ class Recipe(_Model):
             except ValidationError as e:
                 raise RecipeError(_format_validation(e, prefix=f"stages[{i}]")) from None
             stage = cls(params, name=spec.name or spec.stage, seed=self.seed)
+            stage.base_dir = self.base_dir
             if stage.name in names:
                 raise RecipeError(f"recipe error at stages[{i}].name: {stage.name!r} is used by an "
                                   f"earlier stage; give this one a distinct `name`")

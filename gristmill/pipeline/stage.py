@@ -29,6 +29,7 @@ the counts reconcile: read = kept + dropped + rejected.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -146,6 +147,15 @@ class Stage:
         self.params = params
         self.name = name or self.type_name
         self.seed = seed
+
+    #: folder that relative paths in the parameters resolve against (the recipe's
+    #: folder); set by ``Recipe.build_stages`` so it travels with the stage to workers
+    base_dir: str = "."
+
+    def resolve_path(self, path: str) -> str:
+        """A parameter path made absolute against ``base_dir`` (``~`` expanded)."""
+        path = os.path.expanduser(path)
+        return path if os.path.isabs(path) else os.path.normpath(os.path.join(self.base_dir, path))
 
     def setup(self) -> None:
         """Load heavy resources; called once per worker before any batch."""

@@ -144,7 +144,8 @@ class Embeddings(RowStage):
             return
         p = self.params
         if p.model is not None:
-            self._embedder = SentenceEmbedder(p.model, p.batch_size, p.max_length)
+            self._embedder = SentenceEmbedder(self.resolve_path(p.model), p.batch_size,
+                                              p.max_length)
         else:
             self._embedder = HashedNgramEmbedder(p.dim, (p.ngram_min, p.ngram_max))
 

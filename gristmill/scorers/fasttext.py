@@ -158,7 +158,7 @@ class FastTextScorer(RowStage):
     def setup(self) -> None:
         if getattr(self, "_model", None) is not None:
             return
-        model = load_fasttext(self._model_path())
+        model = load_fasttext(self._model_path(self.base_dir))
         self._label = resolve_label(model, self.params.label, f"{self.name}.label")
         self._model = model
 

@@ -559,8 +559,8 @@ class LMLikelihood(RowStage):
     def setup(self) -> None:
         if getattr(self, "_model", None) is not None:
             return
-        self._model, self._tokenizer = load_model(self.params.model, self.params.device,
-                                                  self.params.dtype)
+        self._model, self._tokenizer = load_model(self.resolve_path(self.params.model),
+                                                  self.params.device, self.params.dtype)
         from gristmill.ext import backend
 
         fused = _uses_fused_head(self._model)

@@ -309,8 +309,8 @@ class PredictiveStrength(RowStage):
             return
         from gristmill.scorers.likelihood import load_model
 
-        self._loaded = [load_model(m.path, self.params.device, self.params.dtype)
-                        for m in self.params.models]
+        self._loaded = [load_model(self.resolve_path(m.path), self.params.device,
+                                   self.params.dtype) for m in self.params.models]
 
     def process(self, batch: pa.Table) -> StageOutput:
         self.setup()

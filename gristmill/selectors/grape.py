@@ -157,8 +157,8 @@ class Grape(RowStage):
 
     def setup(self) -> None:
         if self.params.model is not None and getattr(self, "_model", None) is None:
-            self._model, self._tokenizer = load_model(self.params.model, self.params.device,
-                                                      self.params.dtype)
+            self._model, self._tokenizer = load_model(self.resolve_path(self.params.model),
+                                                      self.params.device, self.params.dtype)
 
     def input_columns(self) -> tuple[str, ...]:
         p = self.params

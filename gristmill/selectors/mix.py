@@ -111,8 +111,8 @@ class Mix(GlobalStage):
         if self.params.tokenizer is not None and getattr(self, "_tokenizer", None) is None:
             from transformers import AutoTokenizer
 
-            self._tokenizer = AutoTokenizer.from_pretrained(self.params.tokenizer,
-                                                            local_files_only=True)
+            self._tokenizer = AutoTokenizer.from_pretrained(
+                self.resolve_path(self.params.tokenizer), local_files_only=True)
 
     def output_columns(self) -> tuple[str, ...]:
         return ("mix_epoch",)
