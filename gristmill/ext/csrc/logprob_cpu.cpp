@@ -149,10 +149,17 @@ at::Tensor token_logprobs(const at::Tensor& hidden, const at::Tensor& weight,
   }
   // The vocabulary tile shrinks for small vocabularies (at least 16 tiles, at least
   // 256 columns) so the buffer stays a few percent of what N x V logits would take.
+  // 16-bit inputs also hold an fp32 copy of the weight tile (vt x d floats), so
+  // their vocabulary tile is halved to keep the same footprint.
+  const bool upcast = weight.scalar_type() != at::kFloat;
   const int64_t tt = std::min(token_tile, n);
+  if (upcast) vocab_tile = std::max<int64_t>(1, vocab_tile / 2);
   vocab_tile = std::min(vocab_tile, std::max<int64_t>(256, (vocab + 15) / 16));
   const int64_t vt_max = std::min(vocab_tile, vocab);
   at::Tensor buffer = at::empty({tt * vt_max}, f32);
+  // One fp32 weight tile reused for every tile: allocating a fresh one per tile
+  // made the allocator's peak (not the live memory) twice as large.
+  at::Tensor w_buffer = upcast ? at::empty({vt_max * weight.size(1)}, f32) : at::Tensor();
   std::vector<float> run_max(n, -std::numeric_limits<float>::infinity());
   std::vector<float> run_sum(n, 0.f);
   std::vector<float> target_logit(n, 0.f);
@@ -166,7 +173,10 @@ at::Tensor token_logprobs(const at::Tensor& hidden, const at::Tensor& weight,
   // each thread then streams and packs the whole weight separately.)
   for (int64_t v0 = 0; v0 < vocab; v0 += vocab_tile) {
     const int64_t vt = std::min(vocab_tile, vocab - v0);
-    const at::Tensor w_tile = weight.narrow(0, v0, vt).to(at::kFloat);
+    at::Tensor w_tile = weight.narrow(0, v0, vt);
+    if (upcast) {
+      w_tile = w_buffer.narrow(0, 0, vt * weight.size(1)).view({vt, weight.size(1)}).copy_(w_tile);
+    }
     for (int64_t t0 = 0; t0 < n; t0 += tt) {
       const int64_t nt = std::min(tt, n - t0);
       at::Tensor z = buffer.narrow(0, 0, nt * vt).view({nt, vt});
