@@ -69,6 +69,14 @@ def test_fast_and_sha1_hashes_shingle_the_same_words_and_skip_empty_texts():
         assert fast_n[len(TEXTS) - 2] == 0 and fast_n[-3:].sum() == 0  # "", None, punctuation
 
 
+def test_normalization_keeps_accented_and_non_latin_words():
+    text = "Café naïve 東京 Tower, ok!\u00a0done"
+    words = _normalize(pa.array([text]), True)[0].as_py().split()
+    assert words == ["café", "naïve", "東京", "tower", "ok", "done"]
+    h, d = shingle_hashes(pa.array([text, "caf nave tower ok done"]), "word", 1)
+    assert set(h[d == 0]) != set(h[d == 1])
+
+
 def test_signatures_load_into_datasketch_lsh_and_find_the_near_duplicate():
     base = [f"tok{i}" for i in range(300)]
     near = base[:100] + ["changed"] + base[101:]

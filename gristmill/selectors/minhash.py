@@ -109,10 +109,15 @@ def optimal_bands(threshold: float, num_perm: int, fp_weight: float = 0.5,
 # ---------------------------------------------------------------------------
 # shingles
 
+_PUNCT = r"[^\p{L}\p{M}\p{N}\p{Z}_\s]+"
+
+
 def _normalize(texts: pa.Array, normalize: bool) -> pa.Array:
     texts = pc.fill_null(texts, "")
     if normalize:
-        texts = pc.replace_substring_regex(pc.utf8_lower(texts), r"[^\w\s]+", "")
+        # RE2's \w and \s are ASCII-only: name the Unicode classes (letters, marks,
+        # numbers, separators) so accented and non-Latin words survive
+        texts = pc.replace_substring_regex(pc.utf8_lower(texts), _PUNCT, "")
     return texts
 
 
