@@ -184,9 +184,11 @@ def test_torch_implementation_tiles_do_not_change_the_result():
     assert torch.allclose(one_tile, many, atol=1e-5, rtol=0)
 
 
-def test_cpp_kernel_tiles_do_not_change_the_result():
-    module = build.extension("cpu", required=True)
-    hidden, weight, targets, bias = make_inputs(130, 333, 20, torch.float32, "cpu", with_bias=True)
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_kernel_tiles_do_not_change_the_result(device):
+    # Several token tiles and vocabulary tiles, both with a partial last tile.
+    module = build.extension(device, required=True)
+    hidden, weight, targets, bias = make_inputs(130, 333, 20, torch.float32, device, with_bias=True)
     one_tile = module.token_logprobs(hidden, weight, targets, bias, IGNORE, 1000, 1000)
     many = module.token_logprobs(hidden, weight, targets, bias, IGNORE, 50, 40)
     assert torch.allclose(one_tile, many, atol=1e-5, rtol=0)
