@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import random
@@ -46,6 +47,12 @@ def dup_corpus(tmp_path_factory) -> Path:
                 text = make_text(rng, rng.randint(10, 250))
             recs.append({"id": f"f{f}-{i:02d}", "text": text, "domain": "ab"[f % 2]})
         write_jsonl(folder / f"part-{f}.jsonl", recs)
+    # bad input travels the rejects path on every engine: broken lines, a truncated file
+    good = json.dumps({"id": "bad-ok", "text": make_text(rng, 60)})
+    (folder / "part-bad.jsonl").write_text(good + "\n{not json\n" + '{"id": "x", "text": 5}\n')
+    body = "".join(json.dumps({"id": f"gz-{i}", "text": make_text(rng, 60)}) + "\n"
+                   for i in range(40)).encode()
+    (folder / "part-cut.jsonl.gz").write_bytes(gzip.compress(body)[:-200])
     return folder
 
 
@@ -67,6 +74,9 @@ def _summary(out: Path, manifest: dict) -> dict:
         "dropped": sorted(map(tuple, zip(*dropped.to_pydict().values(), strict=True))),
         "stages": manifest["counts"]["stages"],
         "shard_rows": [s["rows"] for s in manifest["shards"]],
+        "files": manifest["files"],
+        "rejects": [(out / f).read_text() for f in manifest["rejects"]],
+        "reconciled": manifest["counts"]["reconciled"],
     }
 
 
@@ -82,6 +92,8 @@ def test_local_run_removes_exact_and_near_duplicates(local_result):
     assert by["minhash_dedup"]["dropped_by_reason"]["near_duplicate"] > 5
     reasons = {d[2] for d in local_result["dropped"]}
     assert {"exact_duplicate", "near_duplicate"} <= reasons
+    assert len(local_result["rejects"]) == 2 and local_result["reconciled"]
+    assert {f["status"] for f in local_result["files"]} == {"ok", "truncated"}
 
 
 def test_dask_local_cluster_gives_the_local_engine_output(dup_corpus, tmp_path, local_result):
