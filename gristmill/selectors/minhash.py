@@ -45,7 +45,7 @@ U32_MAX = np.uint32(0xFFFFFFFF)
 MERSENNE = np.uint64((1 << 61) - 1)
 LEGACY_MAX = np.uint64((1 << 32) - 1)
 # records per sub-batch: bounds the memory of the byte-level hashing arrays
-SUB_BATCH = 512
+SUB_BATCH = 2048
 # shingles per chunk of the (shingles x num_perm) permutation matrix (fits L2)
 PERM_CHUNK = 2048
 
@@ -274,13 +274,15 @@ def signatures(h: np.ndarray, docs: np.ndarray, n_docs: int, num_perm: int = 128
     without shingles keep the empty value (the maximum), as in datasketch.
     ``one_permutation``: one hash per shingle, binned, densified (module doc).
     """
-    # a record's repeated shingles change nothing; dropping them first saves work
+    if scheme == "one_permutation":
+        # one hash per shingle and a scattered minimum: order and repeats do not matter
+        return _one_permutation(h, docs.astype(np.int64), n_docs, num_perm, seed)
+    # sorted by record for the segmented minimum below; a record's repeated
+    # shingles change nothing, so they are dropped before the num_perm products
     packed = np.sort((docs.astype(np.uint64) << np.uint64(32)) | h.astype(np.uint64))
     packed = packed[np.r_[True, packed[1:] != packed[:-1]]]
     docs = (packed >> np.uint64(32)).astype(np.int64)
     h = (packed & np.uint64(0xFFFFFFFF)).astype(np.uint32)
-    if scheme == "one_permutation":
-        return _one_permutation(h, docs, n_docs, num_perm, seed)
     a, b = permutations(num_perm, seed, scheme)
     if scheme == "legacy":
         sig = np.full((n_docs, num_perm), LEGACY_MAX, dtype=np.uint64)
