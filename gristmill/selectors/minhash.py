@@ -44,7 +44,7 @@ from gristmill.selectors.dedup import ClusterDedup, ClusterDedupParams
 U32_MAX = np.uint32(0xFFFFFFFF)
 MERSENNE = np.uint64((1 << 61) - 1)
 LEGACY_MAX = np.uint64((1 << 32) - 1)
-# records per sub-batch: bounds the memory of the byte-level hashing arrays
+# records per sub-batch: bounds the shingle and signature arrays (fastest here)
 SUB_BATCH = 2048
 # shingles per chunk of the (shingles x num_perm) permutation matrix (fits L2)
 PERM_CHUNK = 2048
