@@ -194,6 +194,16 @@ def test_near_duplicate_clusters_match_brute_force_jaccard(scheme):
     assert {r for o in outs for r in o.dropped.column("reason").to_pylist()} == {"near_duplicate"}
 
 
+def test_bands_with_many_rows_key_and_find_identical_texts():
+    # a high threshold chooses few bands of many rows (more rows than 128)
+    st = MinHashDedup({"threshold": 0.99, "num_perm": 512})
+    assert st.rows > 128
+    text = " ".join(f"w{i}" for i in range(300))
+    batch = pa.table({"id": ["a", "b", "c"], "text": [text, text + " x", "other words here"]})
+    state = st.resolve(st.reduce(st.keys(batch)))
+    assert state.column("id").to_pylist() == ["a"]
+
+
 def test_survivor_is_the_longest_member_then_the_smallest_id():
     words = [f"w{i}" for i in range(100)]
     texts = [" ".join(words), " ".join(words) + " tail", " ".join(words) + " end!"]

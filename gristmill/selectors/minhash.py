@@ -123,7 +123,6 @@ def _normalize(texts: pa.Array, normalize: bool) -> pa.Array:
 
 def _string_parts(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """(offsets, data bytes) of a string array, offsets rebased to start at 0."""
-    arr = arr.cast(pa.large_string()) if pa.types.is_large_string(arr.type) else arr
     width = np.int64 if pa.types.is_large_string(arr.type) else np.int32
     bufs = arr.buffers()
     offsets = np.frombuffer(bufs[1], dtype=width)[arr.offset: arr.offset + len(arr) + 1]
@@ -336,9 +335,11 @@ def _one_permutation(h: np.ndarray, docs: np.ndarray, n_docs: int, k: int,
 
 def band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
     """One uint64 key per (record, band): a hash of the band's ``rows`` values
-    and the band index, so equal bands of different bands never meet."""
+    and the band index, so equal values in different bands never share a key."""
     x = sig[:, : bands * rows].astype(np.uint64).reshape(sig.shape[0], bands, rows)
-    acc = ((x + np.uint64(1)) * _MULT[:rows]).sum(axis=2, dtype=np.uint64)
+    # one odd multiplier per row position, however many rows a band has
+    mult = fmix64(np.arange(1, rows + 1, dtype=np.uint64) * _MULT[123]) | np.uint64(1)
+    acc = ((x + np.uint64(1)) * mult).sum(axis=2, dtype=np.uint64)
     acc += np.arange(bands, dtype=np.uint64) * _MULT[124]
     return fmix64(acc)
 
