@@ -72,17 +72,18 @@ def fmt(accs: list[float]) -> str:
 
 
 class Bench:
-    def __init__(self, x_tr, y_tr, x_te, y_te, args, name: str) -> None:
+    def __init__(self, x_tr, y_tr, x_te, y_te, args, name: str, model: str = "mlp") -> None:
         self.args = args
         self.name = name
-        self.norm = Normalizer.fit(x_tr, image=False)
+        self.model = model
+        self.norm = Normalizer.fit(x_tr, image=x_tr.ndim == 4)
         self.x_tr, self.y_tr = x_tr, y_tr
         self.xt_tr = torch.from_numpy(self.norm.transform(x_tr))
         self.yt_tr = torch.from_numpy(y_tr)
         self.xt_te = torch.from_numpy(self.norm.transform(x_te))
         self.yt_te = torch.from_numpy(y_te)
         self.classes = int(y_tr.max()) + 1
-        self.factory = model_factory("mlp", (x_tr.shape[1],), self.classes)
+        self.factory = model_factory(model, x_tr.shape[1:], self.classes)
         self.experts = {}
         for recipe in ("ast", "mtt"):
             build = ExpertConfig.ast if recipe == "ast" else ExpertConfig.mtt
@@ -113,8 +114,8 @@ class Bench:
         lr_init = cfg_e.lr * (1 - mu) / (1 - cfg_e.momentum)
         cfg = base(ipc=ipc, iterations=self.args.iterations, syn_steps=20, expert_epochs=2,
                    max_start_epoch=10, lr_images=10.0, lr_init=lr_init, seed=seed, **over)
-        out = distill_dataset(self.x_tr, self.y_tr, experts=cfg_e, config=cfg, trajectories=traj,
-                              progress=False)
+        out = distill_dataset(self.x_tr, self.y_tr, model=self.model, experts=cfg_e, config=cfg,
+                              trajectories=traj, progress=False)
         x = torch.from_numpy(self.norm.transform(out.x_syn))
         y = torch.from_numpy(out.y_syn.astype(np.int64))
         return self.evaluate(x, y, out.lr), out.lr
@@ -138,8 +139,8 @@ def main_table(bench: Bench, ipcs: list[int], seeds: list[int]) -> dict:
             dist += accs
             lrs.append(lr)
             rand += bench.real_subset(bench.random_idx(ipc, seed))
-            km += bench.real_subset(representative_indices(bench.xt_tr.numpy(), bench.y_tr, ipc,
-                                                           seed=seed))
+            flat = bench.xt_tr.numpy().reshape(len(bench.y_tr), -1)
+            km += bench.real_subset(representative_indices(flat, bench.y_tr, ipc, seed=seed))
         rows[ipc] = {"distilled": dist, "random_real": rand, "kmeans_real": km,
                      "full": full, "learned_lr": lrs}
         print(f"[{bench.name}] ipc={ipc}: distilled {fmt(dist)} (lr {np.mean(lrs):.4f}), "
@@ -189,6 +190,9 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/_work/distill_evaluation.json")
     ap.add_argument("--ablation-ipc", type=int, nargs="+", default=[1],
                     help="ipc values of the ablation (each adds ~9 min on 2 busy cores)")
+    ap.add_argument("--model", choices=("mlp", "convnet"), default="mlp",
+                    help="digits network (convnet: 1x8x8 images, ~10x slower)")
+    ap.add_argument("--seeds", type=int, default=3, help="distillation seeds of the main table")
     ap.add_argument("--parts", nargs="+", choices=("main", "ablation", "topics"),
                     default=["main", "ablation", "topics"], help="which tables to compute")
     args = ap.parse_args()
@@ -196,17 +200,19 @@ def main() -> None:
     args.iterations = 5 if args.quick else 300
     args.eval_seeds = 2 if args.quick else 5
     args.eval_epochs = 30 if args.quick else 300
-    seeds = [0] if args.quick else [0, 1, 2]
+    seeds = [0] if args.quick else list(range(args.seeds))
     ablation_seeds = [0] if args.quick else [0, 1]
     t0 = time.time()
 
     x, y = load_digits(return_X_y=True)
     x_tr, x_te, y_tr, y_te = train_test_split(x.astype(np.float32), y.astype(np.int64),
                                               test_size=0.3, random_state=0, stratify=y)
+    if args.model == "convnet":
+        x_tr, x_te = x_tr.reshape(-1, 1, 8, 8), x_te.reshape(-1, 1, 8, 8)
     results: dict = {"digits": {}}
     benches = []
     if "main" in args.parts or "ablation" in args.parts:
-        digits = Bench(x_tr, y_tr, x_te, y_te, args, "digits")
+        digits = Bench(x_tr, y_tr, x_te, y_te, args, "digits", model=args.model)
         benches.append(digits)
     if "main" in args.parts:
         results["digits"]["main"] = main_table(digits, [1, 10], seeds)
@@ -231,7 +237,7 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(results, indent=1, default=float))
     if "main" in results["digits"]:
         print("\n" + markdown(results["digits"]["main"], results["digits"].get("ablation"),
-                              "digits (MLP)"))
+                              f"digits ({args.model})"))
     elif "ablation" in results["digits"]:
         print("\n" + "\n".join(f"| {k} | " + " | ".join(fmt(v[i]) for i in sorted(v)) + " |"
                                 for k, v in results["digits"]["ablation"].items()))
