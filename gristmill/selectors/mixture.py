@@ -6,14 +6,15 @@ counts: a domain of few long documents weighs what its tokens weigh.
 Methods
 -------
 Temperature sampling ("Upsample or Upweight? Balanced Training on Heavily
-Imbalanced Datasets", Wang et al. 2024, and earlier multilingual work). With
+Imbalanced Datasets", Li, Xu, Tan, Murray and Khashabi, NAACL 2025; arXiv
+2410.04579, and earlier multilingual work). With
 q_i = n_i / sum_j n_j the natural token share of domain i,
 
     p_i(T) = q_i^(1/T) / sum_j q_j^(1/T)
 
 T = 1 gives the natural mixture, T -> inf the uniform one.
 
-Scalarization ("Upsample or Upweight?", Section 3): sample with the natural
+Scalarization ("Upsample or Upweight?"): sample with the natural
 mixture q and weight each example's loss by
 
     w_i = p_i(T) / q_i ,
@@ -21,7 +22,7 @@ mixture q and weight each example's loss by
 so the *expected* loss equals the loss under p(T). Since sum_i q_i w_i = 1 the
 average weight of a sampled token is 1.
 
-Cooldown ("Upsample or Upweight?", Section 5): sample with a high temperature
+Cooldown ("Upsample or Upweight?", the method it proposes): sample with a high temperature
 early and decay it to a low one late in training. ``cooldown_temperature``
 gives T(step) for a step, linear or cosine decay that starts at a configurable
 fraction of training.

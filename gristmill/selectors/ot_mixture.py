@@ -1,6 +1,6 @@
 """Mixture performance prediction and optimization with optimal transport.
 
-After Kang, Just, Sahu, Jia et al., "Performance Scaling via Optimal
+After Kang, Just, Sahu and Jia, "Performance Scaling via Optimal
 Transport: Enabling Data Selection from Partially Revealed Sources"
 (Projektor, NeurIPS 2023; code: github.com/reds-lab/projektor).
 
@@ -22,7 +22,7 @@ Sinkhorn Divergences")
 with OT_eps(a, b) = min_P <P, M> + eps KL(P | a x b) = <a, f> + <b, g> at the
 optimal dual potentials (f, g).
 
-Gradient w.r.t. the mixture (the paper, Sec. 4.3, after LAVA): the dual
+Gradient w.r.t. the mixture (the paper's optimization step, after LAVA): the dual
 potential f is the gradient of OT w.r.t. a (up to a constant), so with
 a_j = p_s / n_s
 
@@ -34,7 +34,7 @@ the derivative along "raise p_i, lower the others in proportion"; both differ
 by a direction normal to the simplex or a rescaling of it, so projected
 gradient steps use the plain form (``calibrated_gradient`` gives the other).
 
-Performance predictor at one data size N (the paper's Eq. 4, "pseudo-quadratic"):
+Performance predictor at one data size N (the paper's "pseudo-quadratic" form):
 
     L(p) = (b_0 + sum_{i<m} (b2_i p_i^2 + b1_i p_i)) OT(p)
            + c_0 + sum_{i<m} (c2_i p_i^2 + c1_i p_i)
@@ -44,10 +44,10 @@ every term; with sum_i p_i = 1 those columns are collinear, and the paper's
 code fits over the first m - 1 ratios and leaves out the c2 p_i^2 terms. We
 follow the code's m - 1 free ratios (so the least squares is well posed) and
 the text's c2 terms (the form the paper states). The gradient is the exact
-derivative of this L; the paper's Eq. for dL/dp_i keeps only the i-th term of
+derivative of this L; the paper's printed dL/dp_i keeps only the i-th term of
 the OT coefficient, which we do not copy.
 
-Parameter-free projection from pilot sizes N0 < N1 to N (the paper's Eq. 5):
+Parameter-free projection from pilot sizes N0 < N1 to N (the paper's projection):
 
     L(N, p) = [log(N/N0) L(N1, p) - log(N/N1) L(N0, p)] / log(N1/N0) ,
 
