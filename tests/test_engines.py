@@ -102,16 +102,39 @@ def test_dask_local_cluster_gives_the_local_engine_output(dup_corpus, tmp_path, 
     assert got == local_result
 
 
-def test_dask_on_a_given_scheduler_gives_the_local_engine_output(dup_corpus, tmp_path,
-                                                                local_result):
+@pytest.fixture(scope="module")
+def dask_scheduler():
     from dask.distributed import LocalCluster
 
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
                       dashboard_address=None, host="127.0.0.1") as cluster:
-        out = tmp_path / "out"
-        got = _summary(out, _run(dup_corpus, out, kind="dask", scheduler=cluster.scheduler_address,
-                                 shuffle_partitions=3))
+        yield cluster.scheduler_address
+
+
+def test_dask_on_a_given_scheduler_gives_the_local_engine_output(dup_corpus, tmp_path,
+                                                                local_result, dask_scheduler):
+    out = tmp_path / "out"
+    got = _summary(out, _run(dup_corpus, out, kind="dask", scheduler=dask_scheduler,
+                             shuffle_partitions=3))
     assert got == local_result
+
+
+def test_rerun_on_a_long_lived_dask_cluster_does_not_reuse_old_states(dup_corpus, tmp_path,
+                                                                     dask_scheduler):
+    # same output folder, other input: workers must not serve the first run's cached states
+    fewer = tmp_path / "fewer"
+    fewer.mkdir()
+    for f in sorted(dup_corpus.glob("part-[0-3].jsonl")):
+        (fewer / f.name).write_bytes(f.read_bytes())
+    out = tmp_path / "out"
+    _run(dup_corpus, out, kind="dask", scheduler=dask_scheduler)
+    body = {"name": "engines", "seed": 5, "sources": [{"path": str(fewer)}], "stages": STAGES,
+            "output": {"path": str(out), "shard_size": "16KB", "write_dropped": True},
+            "engine": {"batch_size": 16, "kind": "dask", "scheduler": dask_scheduler}}
+    got = _summary(out, run_recipe(parse_recipe(body), fresh=True, progress=False, report=False))
+    ref_out = tmp_path / "ref"
+    want = _summary(ref_out, _run(fewer, ref_out, kind="local"))
+    assert got == want
 
 
 def test_beam_in_process_gives_the_local_engine_output(dup_corpus, tmp_path, local_result):

@@ -56,6 +56,17 @@ def _reduce_partition(recipe: Recipe, work: Path, segment: int, task_indices: li
     return reduced if reduced is not None and reduced.num_rows else None
 
 
+def _forget_earlier_runs() -> None:
+    """Clear a worker's per-process caches of the local engine. A long-lived
+    cluster's workers outlive a run, and a rerun of the same output folder
+    (``--fresh``, changed inputs) must not reuse the states cached by path."""
+    from gristmill.pipeline.engines import local
+
+    local._STATE_CACHE.clear()
+    local._STAGE_CACHE.clear()
+    local._SETUP_DONE.clear()
+
+
 def _load_summary(work: Path, segment: int, task: int) -> Any:
     with open(task_dir(work, segment, task) / "summary.pkl", "rb") as f:
         return pickle.load(f)
@@ -122,6 +133,7 @@ class DaskEngine:
         artifacts: dict[str, dict[str, bytes]] = {}
         client, cluster = self._client()
         try:
+            client.run(_forget_earlier_runs)
             for seg in segments:
                 names = [s.name for s in seg.stages] + ([seg.exit.name] if seg.exit else [])
                 desc = f"dask segment {seg.index + 1}/{len(segments)} " \
