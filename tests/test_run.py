@@ -206,3 +206,16 @@ def test_counts_reconcile_when_a_mixture_repeats_rows(recipe_factory):
     assert c["added"] > 0 and c["stages"][0]["added"] == c["added"]
     assert c["read"] + c["added"] == c["kept"] + c["dropped"] + c["rejected"]
     assert c["reconciled"]
+
+
+def test_fresh_rerun_in_one_process_uses_the_new_inputs(tmp_path):
+    src = tmp_path / "in.jsonl"
+    rec = tmp_path / "r.yaml"
+    rec.write_text(f"sources: [{{path: {src}}}]\nstages: [{{stage: exact_dedup}}]\n"
+                   f"output: {{path: {tmp_path}/out}}\n")
+    src.write_text("".join(json.dumps({"id": f"a{i}", "text": "same"}) + "\n" for i in range(4)))
+    assert run_recipe(rec, progress=False)["counts"]["kept"] == 1
+    src.write_text("".join(json.dumps({"id": f"a{i}", "text": f"t{i % 2}"}) + "\n"
+                           for i in range(4)))
+    m = run_recipe(rec, fresh=True, progress=False)
+    assert m["counts"]["kept"] == 2 and m["counts"]["dropped"] == 2

@@ -84,7 +84,8 @@ def _stages_for(recipe: Recipe, segment_index: int) -> tuple[Segment, list[Stage
 
 
 def _load_state(path: Path) -> Any:
-    key = str(path)
+    # keyed by path and mtime: a later run into the same folder writes a new state file
+    key = f"{path}:{path.stat().st_mtime_ns}"
     if key not in _STATE_CACHE:
         with open(path, "rb") as f:
             _STATE_CACHE[key] = pickle.load(f)
@@ -271,6 +272,7 @@ class LocalEngine:
         return [results[t.index] for t in tasks]
 
     def execute(self, tasks: list[InputTask], work: Path) -> EngineResult:
+        _STATE_CACHE.clear()  # states of an earlier run in this process are never reused
         stages = self.recipe.build_stages()
         segments = plan_segments(stages)
         per_task = [TaskResult(index=t.index) for t in tasks]
