@@ -186,7 +186,10 @@ at::Tensor token_logprobs(const at::Tensor& hidden, const at::Tensor& weight,
         at::mm_out(z, h32.narrow(0, t0, nt), w_tile.t());
       }
       const float* zp = z.data_ptr<float>();
-      at::parallel_for(0, nt, 16, [&](int64_t begin, int64_t end) {
+      // Rows per thread: at least ~256k logits (a fraction of a millisecond of
+      // work), below which waking and joining threads costs more than it saves.
+      const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / vt);
+      at::parallel_for(0, nt, grain, [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) {
           const int64_t i = t0 + r;
           const float* row = zp + r * vt;
