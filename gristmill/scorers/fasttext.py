@@ -147,18 +147,14 @@ class FastTextScorer(RowStage):
         return (self.name,)
 
     def check(self, base_dir: str) -> None:
-        path = self._model_path(base_dir)
+        path = self.resolve_path(self.params.model)
         if not os.path.isfile(path):
             raise ValueError(f"{self.name}.model: {path!r} is not a fastText model file")
-
-    def _model_path(self, base_dir: str = ".") -> str:
-        m = os.path.expanduser(self.params.model)
-        return m if os.path.isabs(m) else os.path.join(base_dir, m)
 
     def setup(self) -> None:
         if getattr(self, "_model", None) is not None:
             return
-        model = load_fasttext(self._model_path(self.base_dir))
+        model = load_fasttext(self.resolve_path(self.params.model))
         self._label = resolve_label(model, self.params.label, f"{self.name}.label")
         self._model = model
 

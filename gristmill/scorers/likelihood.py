@@ -548,13 +548,9 @@ class LMLikelihood(RowStage):
     Params = LMLikelihoodParams
 
     def check(self, base_dir: str) -> None:
-        path = self._model_path(base_dir)
+        path = self.resolve_path(self.params.model)
         if not os.path.isdir(path):
             raise ValueError(f"{self.name}.model: {path!r} is not a folder with a model")
-
-    def _model_path(self, base_dir: str = ".") -> str:
-        m = self.params.model
-        return m if os.path.isabs(m) else os.path.join(base_dir, m)
 
     def setup(self) -> None:
         if getattr(self, "_model", None) is not None:

@@ -299,7 +299,7 @@ class PredictiveStrength(RowStage):
 
     def check(self, base_dir: str) -> None:
         for i, m in enumerate(self.params.models):
-            path = m.path if os.path.isabs(m.path) else os.path.join(base_dir, m.path)
+            path = self.resolve_path(m.path)
             if not os.path.isdir(path):
                 raise ValueError(f"{self.name}.models[{i}].path: {path!r} is not a folder "
                                  "with a model")

@@ -151,7 +151,7 @@ class Grape(RowStage):
     def check(self, base_dir: str) -> None:
         m = self.params.model
         if m is not None:
-            path = m if os.path.isabs(m) else os.path.join(base_dir, m)
+            path = self.resolve_path(m)
             if not os.path.isdir(path):
                 raise ValueError(f"{self.name}.model: {path!r} is not a folder with a model")
 
