@@ -22,14 +22,24 @@ Run: ``nice -n 10 .venv/bin/python benchmarks/bench_ot.py [--sizes 1000 5000 100
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
-import numpy as np
-import ot
-import torch
-from scipy.stats import spearmanr
+# One BLAS thread, so POT's numpy baseline runs on one core like ours.
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
 
-from gristmill.selectors.ot_mixture import MixtureOT, cost_matrix, exact_ot, sinkhorn_divergence
+import numpy as np  # noqa: E402
+import ot  # noqa: E402
+import torch  # noqa: E402
+from scipy.stats import spearmanr  # noqa: E402
+
+from gristmill.selectors.ot_mixture import (  # noqa: E402
+    MixtureOT,
+    cost_matrix,
+    exact_ot,
+    sinkhorn_divergence,
+)
 
 
 def clouds(n: int, d: int = 64, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

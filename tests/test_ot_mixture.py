@@ -215,3 +215,14 @@ def test_embeddings_stage_adds_fixed_size_vector_column():
     assert m.shape == (2, 32)
     assert float(np.linalg.norm(m[0])) == pytest.approx(1.0, rel=1e-5)
     assert not m[1].any()
+
+
+def test_sinkhorn_gradient_is_finite_when_a_source_has_ratio_zero():
+    rng = np.random.default_rng(4)
+    pools = [rng.normal(size=(n, 2)) + c for n, c in ((13, [0, 0]), (17, [2, 0]), (11, [0, 2]))]
+    target = rng.normal(size=(23, 2)) + [0, 2]
+    mot = MixtureOT(pools, target, method="sinkhorn", tol=1e-10)
+    value, grad = mot.distance(np.array([0.5, 0.5, 0.0]))
+    assert np.isfinite(value) and np.all(np.isfinite(grad))
+    # The target sits on source 2: moving mass there lowers OT.
+    assert grad[2] < grad[0] and grad[2] < grad[1]
