@@ -268,6 +268,14 @@ def distill(x: torch.Tensor, y: torch.Tensor, trajectories: ExpertTrajectories, 
         The student architecture.
     config : DistillConfig
         Which additions are on and the step sizes.
+    num_classes : int, optional
+        Number of classes (default: ``max(y) + 1``).
+
+    Returns
+    -------
+    DistillResult
+        ``config.ipc`` synthetic examples per class (normalised units), the
+        learned step size, and the loss and step size per iteration.
     """
     num_classes = int(num_classes or int(y.max()) + 1)
     if config.max_start_epoch + config.expert_epochs > trajectories.epochs:
