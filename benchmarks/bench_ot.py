@@ -80,7 +80,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 5000, 10000])
     ap.add_argument("--exact-max", type=int, default=5000)
-    ap.add_argument("--regs", type=float, nargs="+", default=[0.05, 0.02])
+    ap.add_argument("--regs", type=float, nargs="+", default=[0.02, 0.05])
     ap.add_argument("--pot-baseline-max", type=int, default=10000)
     args = ap.parse_args()
     torch.set_num_threads(1)

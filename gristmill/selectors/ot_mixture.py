@@ -240,7 +240,7 @@ def _dtype_for(n: int, m: int) -> torch.dtype:
 
 
 def sinkhorn_divergence(X: np.ndarray, Y: np.ndarray, a: np.ndarray | None = None,
-                        b: np.ndarray | None = None, reg: float = 0.05, tol: float = 1e-4,
+                        b: np.ndarray | None = None, reg: float = 0.02, tol: float = 1e-4,
                         max_iter: int = 1000) -> OTResult:
     """Debiased Sinkhorn divergence S_eps(a, b) = OT_eps(a,b) - OT_eps(a,a)/2 - OT_eps(b,b)/2.
 
@@ -270,7 +270,7 @@ def sinkhorn_divergence(X: np.ndarray, Y: np.ndarray, a: np.ndarray | None = Non
 
 
 def ot_distance(X: np.ndarray, Y: np.ndarray, a: np.ndarray | None = None,
-                b: np.ndarray | None = None, method: str = "auto", reg: float = 0.05,
+                b: np.ndarray | None = None, method: str = "auto", reg: float = 0.02,
                 exact_max: int = EXACT_MAX) -> OTResult:
     """OT between weighted point clouds: exact up to ``exact_max`` points a side, else
     the debiased Sinkhorn divergence (see module doc).
@@ -344,7 +344,7 @@ class MixtureOT:
     """
 
     def __init__(self, pools: Sequence[np.ndarray], target: np.ndarray, method: str = "auto",
-                 reg: float = 0.05, tol: float = 1e-4, exact_max: int = EXACT_MAX) -> None:
+                 reg: float = 0.02, tol: float = 1e-4, exact_max: int = EXACT_MAX) -> None:
         if len(pools) < 2:
             raise ValueError("pools must hold at least 2 sources")
         self.num_sources = len(pools)
