@@ -133,3 +133,27 @@ def test_missing_domain_column_is_reported():
     stage = Mix({"budget_tokens": 100})
     with pytest.raises(ValueError, match="column 'domain' not in batch"):
         stage.summarize(pa.table({"id": ["a"], "text": ["x"]}))
+
+
+def test_tokenizer_from_local_folder_counts_tokens(tmp_path):
+    from transformers import AutoTokenizer
+
+    from gristmill.trainers.tiny import build_tokenizer
+
+    table = _corpus()
+    build_tokenizer(table.column("text").to_pylist()[:200], vocab_size=300, path=tmp_path / "tok")
+    stage = Mix({"budget_tokens": 5_000, "tokenizer": str(tmp_path / "tok")})
+    stage.check(str(tmp_path))
+    counts = stage.count_tokens(table.column("text").slice(0, 50))
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
+    expected = [len(tok(t, add_special_tokens=False)["input_ids"])
+                for t in table.column("text").to_pylist()[:50]]
+    assert counts.tolist() == expected
+    state = stage.finalize(stage.summarize(table))
+    assert sum(d["tokens_before"] for d in state["domains"].values()) == sum(
+        len(tok(t, add_special_tokens=False)["input_ids"]) for t in table.column("text").to_pylist())
+
+
+def test_check_rejects_missing_tokenizer_folder(tmp_path):
+    with pytest.raises(ValueError, match="mix.tokenizer"):
+        Mix({"budget_tokens": 10, "tokenizer": "no/such/folder"}).check(str(tmp_path))

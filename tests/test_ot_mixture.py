@@ -226,3 +226,23 @@ def test_sinkhorn_gradient_is_finite_when_a_source_has_ratio_zero():
     assert np.isfinite(value) and np.all(np.isfinite(grad))
     # The target sits on source 2: moving mass there lowers OT.
     assert grad[2] < grad[0] and grad[2] < grad[1]
+
+
+def test_sentence_embedder_loads_a_local_model_and_normalizes(tmp_path):
+    from transformers import BertConfig, BertModel
+
+    from gristmill.scorers.embeddings import SentenceEmbedder
+    from gristmill.trainers.tiny import build_tokenizer
+
+    texts = ["the cat sat on the mat", "stock markets fell", "a dog ran"] * 10
+    tok = build_tokenizer(texts, vocab_size=300, path=tmp_path)
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1,
+                     num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
+    BertModel(cfg).save_pretrained(str(tmp_path))
+    emb = SentenceEmbedder(str(tmp_path), batch_size=2)
+    v = emb.embed(texts[:3])
+    assert v.shape == (3, 32)
+    np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, rtol=1e-5)
+    # Mean pooling ignores padding: a text embeds the same alone or in a padded batch.
+    np.testing.assert_allclose(emb.embed([texts[2]])[0], v[2], atol=1e-5)
