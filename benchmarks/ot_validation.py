@@ -110,7 +110,8 @@ def text_task(model: str | None) -> Task:
     texts, y = stdlib_docstrings()
     emb = make_embedder(model, dim=256)
     X = emb.embed(texts).astype(np.float64)
-    return Task("text", X, y, n0=100, n1=200, n_big=500, per_class_target=40)
+    name = "text" if model is None else f"text-{os.path.basename(os.path.normpath(model))}"
+    return Task(name, X, y, n0=100, n1=200, n_big=500, per_class_target=40)
 
 
 def source_priors(num_classes: int, num_sources: int = 3, major: float = 0.97) -> np.ndarray:
