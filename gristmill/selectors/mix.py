@@ -123,9 +123,12 @@ class Mix(GlobalStage):
         """Tokens per text: the tokenizer's count, or ceil(bytes / bytes_per_token)."""
         if self.params.tokenizer is not None:
             self.setup()
-            enc = self._tokenizer(texts.to_pylist(), add_special_tokens=False)["input_ids"]
+            docs = ["" if t is None else t for t in texts.to_pylist()]
+            enc = self._tokenizer(docs, add_special_tokens=False)["input_ids"]
             return np.fromiter((len(e) for e in enc), dtype=np.int64, count=len(enc))
-        nbytes = pc.binary_length(texts).to_numpy(zero_copy_only=False).astype(np.float64)
+        # A null text (readers reject them, but a stage may null one) counts 0 tokens.
+        nbytes = pc.binary_length(texts).fill_null(0).to_numpy(zero_copy_only=False)
+        nbytes = nbytes.astype(np.float64)
         return np.ceil(nbytes / self.params.bytes_per_token).astype(np.int64)
 
     def _columns(self, batch: pa.Table) -> tuple[list[str], np.ndarray, np.ndarray]:
