@@ -11,15 +11,17 @@
 //     m' = max(m, max_v z_v),   s' = s * exp(m - m') + sum_v exp(z_v - m').
 //
 // A tile of logits is one fp32 matrix product (at::mm, i.e. the BLAS the naive
-// path also uses) written into one buffer that stays in cache, so the memory beyond
-// the inputs is that buffer, the hidden states and one weight tile in fp32 (for
-// bf16/fp16 inputs only) and m, s and the target logit per token.
+// path also uses) written into a per-thread buffer that stays in cache, so the
+// memory beyond the inputs is that buffer per thread, the hidden states and one
+// weight tile per thread in fp32 (for bf16/fp16 inputs only) and m, s per thread
+// and the target logit per token.
 
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -147,65 +149,77 @@ at::Tensor token_logprobs(const at::Tensor& hidden, const at::Tensor& weight,
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == vocab, "bias must have shape [V]");
     b32 = bias->to(at::kFloat).contiguous();
   }
-  // The vocabulary tile shrinks for small vocabularies (at least 16 tiles, at least
-  // 256 columns) so the buffer stays a few percent of what N x V logits would take.
-  // 16-bit inputs also hold an fp32 copy of the weight tile (vt x d floats), so
-  // their vocabulary tile is halved to keep the same footprint.
+  // Threads split the vocabulary, not the tokens: each takes vocabulary tiles from a
+  // shared counter, computes them for all tokens with a single-threaded GEMM into
+  // its own buffer, and keeps its own running (m, s) per token; the partial sums
+  // are merged at the end. One parallel region per call: on a loaded machine each
+  // region costs a thread wake-up (measured up to 16 ms on 2 shared cores), so a
+  // multithreaded GEMM per tile made small problems several times slower, and the
+  // counter lets a thread that starts late simply take fewer tiles. Each weight tile
+  // is read by one thread only.
   const bool upcast = weight.scalar_type() != at::kFloat;
+  const int64_t dim = weight.size(1);
   const int64_t tt = std::min(token_tile, n);
+  // 16-bit inputs also hold an fp32 copy of the weight tile (vt x d floats): their
+  // vocabulary tile is halved to keep the same footprint. Small vocabularies get at
+  // least 16 tiles per thread (of at least 256 columns) so the buffers of all
+  // threads together stay a few percent of what N x V logits would take.
+  const int64_t threads = std::max(1, at::get_num_threads());
   if (upcast) vocab_tile = std::max<int64_t>(1, vocab_tile / 2);
-  vocab_tile = std::min(vocab_tile, std::max<int64_t>(256, (vocab + 15) / 16));
+  vocab_tile = std::min(vocab_tile, std::max<int64_t>(256, (vocab + 16 * threads - 1) / (16 * threads)));
   const int64_t vt_max = std::min(vocab_tile, vocab);
-  at::Tensor buffer = at::empty({tt * vt_max}, f32);
-  // One fp32 weight tile reused for every tile: allocating a fresh one per tile
-  // made the allocator's peak (not the live memory) twice as large.
-  at::Tensor w_buffer = upcast ? at::empty({vt_max * weight.size(1)}, f32) : at::Tensor();
-  std::vector<float> run_max(n, -std::numeric_limits<float>::infinity());
-  std::vector<float> run_sum(n, 0.f);
+  const int64_t tiles = (vocab + vocab_tile - 1) / vocab_tile;
+  const int64_t workers = std::min(threads, tiles);
+  std::vector<float> run_max(workers * n, -std::numeric_limits<float>::infinity());
+  std::vector<float> run_sum(workers * n, 0.f);
+  // Exactly one tile holds a token's target, so each entry has one writer.
   std::vector<float> target_logit(n, 0.f);
   const int64_t* y = targets.data_ptr<int64_t>();
+  std::atomic<int64_t> next_tile{0};
 
-  // Vocabulary outside, tokens inside: each weight tile is read (and upcast) once,
-  // the hidden states, far smaller than the weight, are re-read per vocabulary tile.
-  // The tile GEMM is BLAS's own multithreaded one and the update is parallel over
-  // tokens. (Measured on 2 shared cores: one parallel region with a single-threaded
-  // GEMM per thread and per block of tokens was 1.1-1.8x slower than this, since
-  // each thread then streams and packs the whole weight separately.)
-  for (int64_t v0 = 0; v0 < vocab; v0 += vocab_tile) {
-    const int64_t vt = std::min(vocab_tile, vocab - v0);
-    at::Tensor w_tile = weight.narrow(0, v0, vt);
-    if (upcast) {
-      w_tile = w_buffer.narrow(0, 0, vt * weight.size(1)).view({vt, weight.size(1)}).copy_(w_tile);
-    }
-    for (int64_t t0 = 0; t0 < n; t0 += tt) {
-      const int64_t nt = std::min(tt, n - t0);
-      at::Tensor z = buffer.narrow(0, 0, nt * vt).view({nt, vt});
-      if (b32.defined()) {
-        at::addmm_out(z, b32.narrow(0, v0, vt), h32.narrow(0, t0, nt), w_tile.t());
-      } else {
-        at::mm_out(z, h32.narrow(0, t0, nt), w_tile.t());
-      }
-      const float* zp = z.data_ptr<float>();
-      // Rows per thread: at least ~256k logits (a fraction of a millisecond of
-      // work), below which waking and joining threads costs more than it saves.
-      const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / vt);
-      at::parallel_for(0, nt, grain, [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r) {
-          const int64_t i = t0 + r;
-          const float* row = zp + r * vt;
-          online_lse_update(row, vt, run_max[i], run_sum[i]);
-          const int64_t local = y[i] - v0;
-          if (y[i] != ignore_index && local >= 0 && local < vt) target_logit[i] = row[local];
+  at::parallel_for(0, workers, 1, [&](int64_t worker_begin, int64_t worker_end) {
+    for (int64_t worker = worker_begin; worker < worker_end; ++worker) {
+      float* m = run_max.data() + worker * n;
+      float* s = run_sum.data() + worker * n;
+      at::Tensor buffer = at::empty({tt * vt_max}, f32);
+      at::Tensor w_buffer = upcast ? at::empty({vt_max * dim}, f32) : at::Tensor();
+      for (int64_t tile = next_tile++; tile < tiles; tile = next_tile++) {
+        const int64_t v0 = tile * vocab_tile;
+        const int64_t vt = std::min(vocab_tile, vocab - v0);
+        at::Tensor w_tile = weight.narrow(0, v0, vt);
+        if (upcast) w_tile = w_buffer.narrow(0, 0, vt * dim).view({vt, dim}).copy_(w_tile);
+        for (int64_t t0 = 0; t0 < n; t0 += tt) {
+          const int64_t nt = std::min(tt, n - t0);
+          at::Tensor z = buffer.narrow(0, 0, nt * vt).view({nt, vt});
+          if (b32.defined()) {
+            at::addmm_out(z, b32.narrow(0, v0, vt), h32.narrow(0, t0, nt), w_tile.t());
+          } else {
+            at::mm_out(z, h32.narrow(0, t0, nt), w_tile.t());
+          }
+          const float* zp = z.data_ptr<float>();
+          for (int64_t r = 0; r < nt; ++r) {
+            const int64_t i = t0 + r;
+            const float* row = zp + r * vt;
+            online_lse_update(row, vt, m[i], s[i]);
+            const int64_t local = y[i] - v0;
+            if (y[i] != ignore_index && local >= 0 && local < vt) target_logit[i] = row[local];
+          }
         }
-      });
-    }
-  }
-  float* o = out.data_ptr<float>();
-  at::parallel_for(0, n, 1024, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      if (y[i] != ignore_index) o[i] = target_logit[i] - (run_max[i] + std::log(run_sum[i]));
+      }
     }
   });
+  // Merge the workers' (m, s): log sum exp = M + log sum_w s_w exp(m_w - M).
+  float* o = out.data_ptr<float>();
+  for (int64_t i = 0; i < n; ++i) {
+    if (y[i] == ignore_index) continue;
+    float top = -std::numeric_limits<float>::infinity();
+    for (int64_t w = 0; w < workers; ++w) top = std::max(top, run_max[w * n + i]);
+    float total = 0.f;
+    for (int64_t w = 0; w < workers; ++w) {
+      if (run_sum[w * n + i] > 0.f) total += run_sum[w * n + i] * std::exp(run_max[w * n + i] - top);
+    }
+    o[i] = target_logit[i] - (top + std::log(total));
+  }
   return out;
 }
 
@@ -247,7 +261,7 @@ at::Tensor token_logprobs_from_logits(const at::Tensor& logits, const at::Tensor
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("token_logprobs", &token_logprobs, "log p(target) per token from hidden states",
              py::arg("hidden"), py::arg("weight"), py::arg("targets"), py::arg("bias"),
-             py::arg("ignore_index"), py::arg("token_tile") = 1024, py::arg("vocab_tile") = 2048);
+             py::arg("ignore_index"), py::arg("token_tile") = 1024, py::arg("vocab_tile") = 1024);
   module.def("token_logprobs_from_logits", &token_logprobs_from_logits,
              "log p(target) per token from logits", py::arg("logits"), py::arg("targets"),
              py::arg("ignore_index"));
