@@ -20,6 +20,7 @@ from gristmill.trainers.distill import (
     perturb_weights,
     representative_indices,
     train_and_evaluate,
+    unroll_student,
 )
 from gristmill.trainers.distill_models import FlatParams, build_model
 from gristmill.trainers.distill_output import synthetic_table
@@ -230,3 +231,27 @@ def test_distilled_digits_beat_the_real_examples_they_started_from():
 
     distilled, real = accuracy_after_training(out.x_syn), accuracy_after_training(start)
     assert distilled > real + 0.15, (distilled, real)
+
+
+def test_student_momentum_accumulates_gradients_across_steps():
+    model = build_model("mlp", (3,), 2, depth=0, seed=0)  # one linear layer
+    flat = FlatParams(model)
+    start = flat.flatten()
+    x = torch.tensor([[1.0, 0.0, 2.0], [0.0, 1.0, -1.0]])
+    y = torch.tensor([0, 1])
+    batches = [torch.tensor([0]), torch.tensor([1])]
+
+    def grad_at(theta: torch.Tensor, i: int, weight: float = 1.0) -> torch.Tensor:
+        theta = theta.detach().requires_grad_(True)
+        loss = torch.nn.functional.cross_entropy(flat.forward(theta, x[i:i + 1]), y[i:i + 1])
+        return torch.autograd.grad(loss * weight, theta)[0]
+
+    path = unroll_student(flat, start, x, y, 0.5, batches, momentum=0.9, loss_weight=1.3)
+    g0 = grad_at(start, 0, 1.3)
+    theta1 = start - 0.5 * g0
+    g1 = grad_at(theta1, 1, 1.3)
+    assert torch.allclose(path[1], theta1, atol=1e-6)
+    assert torch.allclose(path[2], theta1 - 0.5 * (0.9 * g0 + g1), atol=1e-6)
+    plain = unroll_student(flat, start, x, y, 0.5, batches)  # MTT: no momentum, weight 1
+    sgd1 = start - 0.5 * grad_at(start, 0)
+    assert torch.allclose(plain[2], sgd1 - 0.5 * grad_at(sgd1, 1), atol=1e-6)

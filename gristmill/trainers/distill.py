@@ -213,6 +213,28 @@ def representative_indices(features: np.ndarray, labels: np.ndarray, ipc: int,
     return np.asarray(chosen, dtype=np.int64)
 
 
+def unroll_student(flat: FlatParams, start: torch.Tensor, x_syn: torch.Tensor,
+                   y_syn: torch.Tensor, lr: torch.Tensor | float, batches: list[torch.Tensor],
+                   *, momentum: float = 0.0, loss_weight: float = 1.0) -> list[torch.Tensor]:
+    """The student's parameters ``theta_0 .. theta_N``, one step per index batch.
+
+    ``g_n = grad_theta (w * CE(f(x_syn[b_n]; theta_n), y_syn[b_n]))``,
+    ``b_0 = g_0``, ``b_n = mu * b_{n-1} + g_n`` and
+    ``theta_{n+1} = theta_n - lr * b_n`` (``mu = 0``: plain SGD). The graph is
+    kept (``create_graph``) so a loss on any ``theta_n`` reaches ``x_syn`` and ``lr``.
+    """
+    theta = start.clone().requires_grad_(True)
+    path = [theta]
+    velocity = None
+    for idx in batches:
+        inner = F.cross_entropy(flat.forward(theta, x_syn[idx]), y_syn[idx]) * loss_weight
+        grad = torch.autograd.grad(inner, theta, create_graph=True)[0]
+        velocity = grad if velocity is None or momentum == 0 else momentum * velocity + grad
+        theta = theta - lr * velocity
+        path.append(theta)
+    return path
+
+
 @dataclass
 class DistillResult:
     """The synthetic set and what the distillation learned.
@@ -305,22 +327,14 @@ def distill(x: torch.Tensor, y: torch.Tensor, trajectories: ExpertTrajectories, 
         weight = (balanced_loss_weight(start_epoch, config.max_start_epoch)
                   if config.balanced_loss else 1.0)
 
-        theta = start.clone().requires_grad_(True)
-        velocity = None
-        extra = []
-        chunks: list[torch.Tensor] = []
-        for step in range(config.syn_steps):
-            if not chunks:
-                chunks = list(torch.split(torch.randperm(len(y_syn), generator=gen), batch))
-            idx = chunks.pop()
-            inner = F.cross_entropy(flat.forward(theta, x_syn[idx]), y_syn[idx]) * weight
-            grad = torch.autograd.grad(inner, theta, create_graph=True)[0]
-            velocity = grad if velocity is None or config.student_momentum == 0 \
-                else config.student_momentum * velocity + grad
-            theta = theta - syn_lr * velocity
-            if step + 1 in middle:
-                offset = middle[step + 1]
-                extra.append(matching_loss(theta, start, trajectory[start_epoch + offset]))
+        batches = []
+        while len(batches) < config.syn_steps:
+            batches += list(torch.split(torch.randperm(len(y_syn), generator=gen), batch))
+        path = unroll_student(flat, start, x_syn, y_syn, syn_lr, batches[:config.syn_steps],
+                              momentum=config.student_momentum, loss_weight=weight)
+        theta = path[-1]
+        extra = [matching_loss(path[step], start, trajectory[start_epoch + offset])
+                 for step, offset in middle.items()]
         loss = matching_loss(theta, start, target) + sum(extra)
 
         opt_x.zero_grad()
