@@ -63,7 +63,7 @@ class ExpertConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     num_experts: int = Field(5, ge=1, le=10_000, description="number of expert trajectories")
-    epochs: int = Field(30, ge=1, le=10_000, description="epochs per expert (E)")
+    epochs: int = Field(20, ge=1, le=10_000, description="epochs per expert (E)")
     lr: float = Field(0.01, gt=0, le=10, description="SGD learning rate")
     momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum")
     weight_decay: float = Field(0.0, ge=0, le=1, description="SGD weight decay")
