@@ -93,8 +93,13 @@ def test_topic_sentences_are_balanced_and_labelled():
 def test_cli_distills_the_topics_text_set(tmp_path, capsys):
     rc = cli_main(["distill", "--dataset", "topics", "--ipc", "1", "--iterations", "2",
                    "--syn-steps", "4", "--num-experts", "1", "--train-epochs", "4",
-                   "--max-start-epoch", "2", "--quiet", "--output", str(tmp_path / "o")])
+                   "--max-start-epoch", "2", "--quiet", "--evaluate", "--eval-seeds", "1",
+                   "--output", str(tmp_path / "o")])
     assert rc == 0
+    evaluation = json.loads((tmp_path / "o" / "evaluation.json").read_text())
+    assert {arm: r["rows"] for arm, r in evaluation.items()} == {
+        "distilled": 5, "random_real": 5, "full_data": 1200}
+    assert all(0.0 <= r["mean"] <= 1.0 for r in evaluation.values())
     table = pq.read_table(tmp_path / "o" / "synthetic.parquet")
     assert table.num_rows == 5
     assert sorted(table.column("label").to_pylist()) == ["cooking", "finance", "music",
