@@ -20,8 +20,8 @@ uniform sampling over the corpus. One global batch of ``batch_size *
 world_size`` sequences is drawn from one generator and each rank takes its
 slice, so the data seen does not depend on the number of ranks.
 
-Loss. With scalarization weights ``w_d`` ("Upsample or Upweight?", Wang et
-al. 2024, Section 3) the loss of a batch of ``B`` sequences of ``T`` tokens is
+Loss. With scalarization weights ``w_d`` ("Upsample or Upweight? Balanced
+Training on Heavily Imbalanced Datasets", Li et al., NAACL 2025) the loss of a batch of ``B`` sequences of ``T`` tokens is
 
     L = 1/(B T) sum_i w_{d_i} sum_t CE(x_{i,t+1} | x_{i,<=t}),
 
