@@ -135,7 +135,7 @@ class Embeddings(RowStage):
     def check(self, base_dir: str) -> None:
         m = self.params.model
         if m is not None:
-            path = m if os.path.isabs(m) else os.path.join(base_dir, m)
+            path = self.resolve_path(m)
             if not os.path.isdir(path):
                 raise ValueError(f"embeddings.model: {path!r} is not a folder with a model")
 

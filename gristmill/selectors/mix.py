@@ -103,7 +103,7 @@ class Mix(GlobalStage):
     def check(self, base_dir: str) -> None:
         tok = self.params.tokenizer
         if tok is not None:
-            path = tok if os.path.isabs(tok) else os.path.join(base_dir, tok)
+            path = self.resolve_path(tok)
             if not os.path.isdir(path):
                 raise ValueError(f"mix.tokenizer: {path!r} is not a folder with a tokenizer")
 
