@@ -16,7 +16,7 @@ import torch
 #: Columns of the vocabulary processed at once by the torch implementation.
 DEFAULT_VOCAB_TILE = 2048
 #: Rows (tokens) processed at once; with ``DEFAULT_VOCAB_TILE`` a tile of fp32
-#: logits is 8 MiB (the sizes the C++ kernel uses, measured fastest on a 2-core CPU).
+#: logits is 8 MiB.
 DEFAULT_TOKEN_TILE = 1024
 
 
