@@ -42,7 +42,9 @@ def highest_matmul_precision():
     torch.set_float32_matmul_precision(previous)
 
 
-def make_inputs(n, vocab, dim, dtype, device, *, with_bias=False, ignore_every=0, scale=1.0, seed=0):
+def make_inputs(
+    n, vocab, dim, dtype, device, *, with_bias=False, ignore_every=0, scale=1.0, seed=0
+):
     """LM-like inputs: logits of standard deviation ~``scale``, targets uniform."""
     gen = torch.Generator().manual_seed(seed)
     hidden = torch.randn(n, dim, generator=gen)
@@ -99,7 +101,9 @@ def test_token_logprobs_matches_naive_on_a_realistic_lm_head(device, dtype):
 def test_bf16_inputs_are_accumulated_in_fp32(device):
     # Ours upcasts products to fp32, so it sits far closer to the fp32 reference on the
     # same bf16 values than the bf16 naive path (which rounds logits to bf16).
-    hidden, weight, targets, bias = make_inputs(300, 2000, 96, torch.bfloat16, device, with_bias=True)
+    hidden, weight, targets, bias = make_inputs(
+        300, 2000, 96, torch.bfloat16, device, with_bias=True
+    )
     ref = reference(hidden, weight, targets, bias)
     ours = token_logprobs(hidden, weight, targets, bias)
     assert float((ours - ref).abs().max()) < 1e-3
