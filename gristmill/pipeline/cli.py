@@ -17,6 +17,7 @@ COMMAND_MODULES: list[str] = [
     "gristmill.trainers.distill_cli",
     "gristmill.trainers.preselect_cli",
     "gristmill.trainers.lm_cli",
+    "gristmill.pipeline.examples",
 ]
 
 
