@@ -4,6 +4,8 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+# the venv's tools (ninja for the C++/CUDA extension build) come first on PATH
+export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .PHONY: demo test venv lint bench clean
 
