@@ -97,6 +97,8 @@ def test_building_again_changes_nothing(root: Path) -> None:
     model_before = model.stat().st_mtime_ns
     again = build_examples(list(EXAMPLES), root)
     assert again["distill"] == [root / "data" / "digits" / "digits.jsonl"]
+    assert again["grape"] == [root / "data" / "grape" / "candidates.jsonl",
+                              root / "data" / "models" / "base-lm"]
     assert marker.stat().st_mtime_ns == before
     assert model.stat().st_mtime_ns == model_before
 

@@ -121,7 +121,18 @@ def grape_candidates(n: int, seed: int = 0) -> list[dict]:
 
 
 def grape_pretraining_texts(n: int, seed: int = 0) -> list[str]:
-    """Question/answer documents in the ``plain`` style only (a different seed than the candidates)."""
+    """``n`` question/answer documents in the ``plain`` style only.
+
+    Parameters
+    ----------
+    n : int
+    seed : int
+        Offset from the candidates' seed, so the texts are other draws.
+
+    Returns
+    -------
+    list of str
+    """
     rng = random.Random(seed + 1000)
     return [f"{p}\n" + STYLES["plain"].format(a=a)
             for p, a in (grape_instruction(rng) for _ in range(n))]
@@ -170,7 +181,19 @@ def preselect_document(domain: str, rng: np.random.Generator) -> str:
 
 
 def preselect_corpus(n: int, seed: int, prefix: str) -> list[dict]:
-    """``n`` records (id, text, domain), domains drawn at shares 0.15/0.35/0.2/0.3."""
+    """``n`` records (id, text, domain), domains drawn at shares 0.15/0.35/0.2/0.3.
+
+    Parameters
+    ----------
+    n : int
+    seed : int
+    prefix : str
+        Of every id (``prefix`` + five-digit row number).
+
+    Returns
+    -------
+    list of dict
+    """
     rng = np.random.default_rng(seed)
     doms = rng.choice(PRESELECT_DOMAINS, size=n, p=[0.15, 0.35, 0.2, 0.3])
     return [{"id": f"{prefix}{i:05d}", "text": preselect_document(str(d), rng), "domain": str(d)}
@@ -239,14 +262,17 @@ def _one_thread() -> Iterator[None]:
 
 
 def _done(folder: Path) -> list[Path] | None:
+    """What a finished build of ``folder`` made (paths under ``data``), None when unfinished."""
     marker = folder / MARKER
     if not marker.exists():
         return None
-    return [Path(p) for p in json.loads(marker.read_text())["built"]]
+    return [folder.parent / p for p in json.loads(marker.read_text())["built"]]
 
 
 def _mark(folder: Path, built: list[Path]) -> list[Path]:
-    (folder / MARKER).write_text(json.dumps({"built": [str(p) for p in built]}) + "\n")
+    """Write the marker last, with the built paths relative to ``data``, so the tree can move."""
+    rel = [Path(os.path.relpath(p, folder.parent)).as_posix() for p in built]
+    (folder / MARKER).write_text(json.dumps({"built": rel}) + "\n")
     return built
 
 
