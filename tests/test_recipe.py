@@ -7,7 +7,13 @@ import sys
 
 import pytest
 
-from gristmill.pipeline.recipe import RecipeError, check_recipe, load_recipe, parse_recipe, parse_size
+from gristmill.pipeline.recipe import (
+    RecipeError,
+    check_recipe,
+    load_recipe,
+    parse_recipe,
+    parse_size,
+)
 
 
 def _base(tmp_path, **kw):
