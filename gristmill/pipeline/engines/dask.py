@@ -28,12 +28,11 @@ from tqdm.auto import tqdm
 
 from gristmill.pipeline.engines.local import (
     EngineResult,
-    TaskResult,
     _load_state,
+    execute_segments,
     run_task,
     task_dir,
 )
-from gristmill.pipeline.execution import TaskStats, plan_segments
 from gristmill.pipeline.readers import InputTask
 from gristmill.pipeline.recipe import Recipe
 from gristmill.pipeline.stage import GlobalStage, ShuffleStage, Stage, merge_all
@@ -127,38 +126,20 @@ class DaskEngine:
         return state
 
     def execute(self, tasks: list[InputTask], work: Path) -> EngineResult:
-        stages = self.recipe.build_stages()
-        segments = plan_segments(stages)
-        per_task = [TaskResult(index=t.index) for t in tasks]
-        artifacts: dict[str, dict[str, bytes]] = {}
         client, cluster = self._client()
         try:
             client.run(_forget_earlier_runs)
-            for seg in segments:
-                names = [s.name for s in seg.stages] + ([seg.exit.name] if seg.exit else [])
-                desc = f"dask segment {seg.index + 1}/{len(segments)} " \
-                       f"[{', '.join(names) or 'write'}]"
+
+            def map_tasks(seg, desc):
                 futs = [client.submit(run_task, self.recipe, work, seg.index, t, pure=False)
                         for t in tasks]
-                results = self._gather(client, futs, desc)
-                for tr, res in zip(per_task, results, strict=True):
-                    tr.stats.merge(TaskStats.from_json(res["stats"]))
-                    if seg.index == 0:
-                        tr.file = res.get("file", {})
-                        tr.rejects_file = res.get("rejects_file")
-                    if res.get("dropped_file"):
-                        tr.dropped_files.append(res["dropped_file"])
-                    if seg.is_last:
-                        tr.shards = res.get("shards", [])
-                if seg.exit is not None:
-                    exit_stage = next(s for s in stages if s.name == seg.exit.name)
-                    state = self._barrier(client, work, seg.index, tasks, exit_stage)
-                    files = exit_stage.artifacts(state)
-                    if files:
-                        artifacts[exit_stage.name] = files
+                return self._gather(client, futs, desc)
+
+            return execute_segments(
+                self.recipe, tasks, work, map_tasks,
+                barrier=lambda seg, stage: self._barrier(client, work, seg.index, tasks, stage),
+                prefix="dask ")
         finally:
             client.close()
             if cluster is not None:
                 cluster.close()
-        return EngineResult(tasks=per_task, artifacts=artifacts,
-                            final_dir=work / f"seg{len(segments) - 1:02d}")

@@ -22,6 +22,7 @@ import os
 import pickle
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -273,28 +274,44 @@ class LocalEngine:
 
     def execute(self, tasks: list[InputTask], work: Path) -> EngineResult:
         _STATE_CACHE.clear()  # states of an earlier run in this process are never reused
-        stages = self.recipe.build_stages()
-        segments = plan_segments(stages)
-        per_task = [TaskResult(index=t.index) for t in tasks]
-        artifacts: dict[str, dict[str, bytes]] = {}
-        for seg in segments:
-            names = [s.name for s in seg.stages] + ([seg.exit.name] if seg.exit else [])
-            desc = f"segment {seg.index + 1}/{len(segments)} [{', '.join(names) or 'write'}]"
-            results = self._map(seg.index, tasks, work, desc)
-            for tr, res in zip(per_task, results, strict=True):
-                tr.stats.merge(TaskStats.from_json(res["stats"]))
-                if seg.index == 0:
-                    tr.file = res.get("file", {})
-                    tr.rejects_file = res.get("rejects_file")
-                if res.get("dropped_file"):
-                    tr.dropped_files.append(res["dropped_file"])
-                if seg.is_last:
-                    tr.shards = res.get("shards", [])
-            if seg.exit is not None:
-                exit_stage = next(s for s in stages if s.name == seg.exit.name)
-                state = finish_barrier(self.recipe, work, seg, tasks, exit_stage)
-                files = exit_stage.artifacts(state)
-                if files:
-                    artifacts[exit_stage.name] = files
-        return EngineResult(tasks=per_task, artifacts=artifacts,
-                            final_dir=work / f"seg{len(segments) - 1:02d}")
+        return execute_segments(
+            self.recipe, tasks, work,
+            map_tasks=lambda seg, desc: self._map(seg.index, tasks, work, desc),
+            barrier=lambda seg, stage: finish_barrier(self.recipe, work, seg, tasks, stage))
+
+
+def execute_segments(recipe: Recipe, tasks: list[InputTask], work: Path,
+                     map_tasks: Callable[[Segment, str], list[dict[str, Any]]],
+                     barrier: Callable[[Segment, Stage], Any], prefix: str = "") -> EngineResult:
+    """The segment loop every file-task engine shares.
+
+    ``map_tasks(segment, description)`` runs ``run_task`` for every task of the
+    segment (in a process pool, on a Dask cluster...) and returns the results in
+    task order; ``barrier(segment, stage)`` merges or reduces the segment's exit
+    stage and returns its state.
+    """
+    stages = recipe.build_stages()
+    segments = plan_segments(stages)
+    per_task = [TaskResult(index=t.index) for t in tasks]
+    artifacts: dict[str, dict[str, bytes]] = {}
+    for seg in segments:
+        names = [s.name for s in seg.stages] + ([seg.exit.name] if seg.exit else [])
+        desc = f"{prefix}segment {seg.index + 1}/{len(segments)} [{', '.join(names) or 'write'}]"
+        results = map_tasks(seg, desc)
+        for tr, res in zip(per_task, results, strict=True):
+            tr.stats.merge(TaskStats.from_json(res["stats"]))
+            if seg.index == 0:
+                tr.file = res.get("file", {})
+                tr.rejects_file = res.get("rejects_file")
+            if res.get("dropped_file"):
+                tr.dropped_files.append(res["dropped_file"])
+            if seg.is_last:
+                tr.shards = res.get("shards", [])
+        if seg.exit is not None:
+            exit_stage = next(s for s in stages if s.name == seg.exit.name)
+            state = barrier(seg, exit_stage)
+            files = exit_stage.artifacts(state)
+            if files:
+                artifacts[exit_stage.name] = files
+    return EngineResult(tasks=per_task, artifacts=artifacts,
+                        final_dir=work / f"seg{len(segments) - 1:02d}")
