@@ -483,7 +483,32 @@ def load_model(path: str, device: str = "auto", dtype: str = "auto") -> tuple[An
 # The stage
 
 
-class LMLikelihoodParams(StageParams):
+class ScoringParams(StageParams):
+    """How a stage runs a causal LM over text: windows, batches, device.
+
+    Shared by every stage that scores with a model (``lm_likelihood``, ``grape``).
+    """
+
+    max_length: int | None = Field(None, ge=2)
+    stride: int | None = Field(None, ge=1)
+    batch_size: int = Field(16, ge=1)
+    max_batch_tokens: int = Field(16384, ge=2)
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    separator: str = "\n"
+    add_eos: bool = True
+    chat_template: Literal["auto", "never"] = "auto"
+    progress: bool = False
+
+    @model_validator(mode="after")
+    def _stride_below_window(self) -> ScoringParams:
+        if self.stride is not None and self.max_length is not None and self.stride >= self.max_length:
+            raise ValueError(f"stride must be in [1, max_length - 1] = [1, {self.max_length - 1}]; "
+                             f"got {self.stride}")
+        return self
+
+
+class LMLikelihoodParams(ScoringParams):
     """Parameters of the ``lm_likelihood`` stage.
 
     Attributes
@@ -504,24 +529,7 @@ class LMLikelihoodParams(StageParams):
     text_column: str = "text"
     prompt_column: str = "prompt"
     responses_column: str = "responses"
-    max_length: int | None = Field(None, ge=2)
-    stride: int | None = Field(None, ge=1)
-    batch_size: int = Field(16, ge=1)
-    max_batch_tokens: int = Field(16384, ge=2)
-    device: str = "auto"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     add_bos: bool = True
-    separator: str = "\n"
-    add_eos: bool = True
-    chat_template: Literal["auto", "never"] = "auto"
-    progress: bool = False
-
-    @model_validator(mode="after")
-    def _stride_below_window(self) -> LMLikelihoodParams:
-        if self.stride is not None and self.max_length is not None and self.stride >= self.max_length:
-            raise ValueError(f"stride must be in [1, max_length - 1] = [1, {self.max_length - 1}]; "
-                             f"got {self.stride}")
-        return self
 
 
 TEXT_SUFFIXES = ("logprob", "tokens", "mean_logprob", "bpc", "bpb")

@@ -34,10 +34,10 @@ from typing import Literal
 
 import numpy as np
 import pyarrow as pa
-from pydantic import Field, model_validator
+from pydantic import model_validator
 
-from gristmill.pipeline.stage import RowStage, StageOutput, StageParams, split_batch
-from gristmill.scorers.likelihood import load_model, score_responses
+from gristmill.pipeline.stage import RowStage, StageOutput, split_batch
+from gristmill.scorers.likelihood import ScoringParams, load_model, score_responses
 
 
 def best_responses(
@@ -91,7 +91,7 @@ def best_responses(
     return index, score
 
 
-class GrapeParams(StageParams):
+class GrapeParams(ScoringParams):
     """Parameters of the ``grape`` stage.
 
     Attributes
@@ -111,25 +111,12 @@ class GrapeParams(StageParams):
     prompt_column: str = "prompt"
     responses_column: str = "responses"
     sources_column: str = "response_sources"
-    max_length: int | None = Field(None, ge=2)
-    stride: int | None = Field(None, ge=1)
-    batch_size: int = Field(16, ge=1)
-    max_batch_tokens: int = Field(16384, ge=2)
-    device: str = "auto"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    separator: str = "\n"
-    add_eos: bool = True
-    chat_template: Literal["auto", "never"] = "auto"
-    progress: bool = False
 
     @model_validator(mode="after")
     def _one_score_source(self) -> GrapeParams:
         if (self.model is None) == (self.scores_from is None):
             raise ValueError("grape needs exactly one of model (a model folder to score with) or "
                              "scores_from (the name of a preceding lm_likelihood stage)")
-        if self.stride is not None and self.max_length is not None and self.stride >= self.max_length:
-            raise ValueError(f"stride must be in [1, max_length - 1] = [1, {self.max_length - 1}]; "
-                             f"got {self.stride}")
         return self
 
 
