@@ -26,12 +26,21 @@ all shingles of a batch with numpy. ``scheme: one_permutation`` hashes each
 shingle once into one of ``num_perm`` bins (Li, Owen & Zhang, "One Permutation
 Hashing", NeurIPS 2012) with optimal densification of empty bins
 (Shrivastava, ICML 2017): the fastest, not datasketch-compatible.
+
+``kernel`` picks who computes: ``"native"`` is the C++ kernel of
+:mod:`gristmill.ext.minhash_native` (word shingles of ASCII texts, every scheme's
+signatures, band keys), ``"numpy"`` the code below, ``"auto"`` the C++ kernel when
+it builds, else numpy. Both give bit-identical results; texts with non-ASCII bytes
+are shingled by numpy either way, because their whitespace, case and punctuation
+follow pyarrow's Unicode rules.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import struct
+from types import ModuleType
 from typing import ClassVar, Literal
 
 import numpy as np
@@ -54,6 +63,24 @@ _M2 = np.uint64(0xC4CEB9FE1A85EC53)
 # fixed odd multipliers, one per byte position (mod 64) and one per n-gram slot
 _MULT = (np.random.RandomState(0x6D696C6C).randint(0, 1 << 62, 128, dtype=np.uint64)
          * np.uint64(2) + np.uint64(1))
+
+
+Kernel = Literal["auto", "native", "numpy"]
+
+
+def native_kernel(kernel: str = "auto") -> ModuleType | None:
+    """The compiled kernel that ``kernel`` asks for, or None for the numpy path.
+
+    ``"auto"`` builds it on first use and answers None (after one warning) when
+    the build fails; ``"native"`` raises RuntimeError instead; ``"numpy"`` is None.
+    """
+    if kernel not in ("auto", "native", "numpy"):
+        raise ValueError(f"kernel must be one of auto, native, numpy; got {kernel!r}")
+    if kernel == "numpy":
+        return None
+    from gristmill.ext import minhash_native
+
+    return minhash_native.module(required=kernel == "native")
 
 
 def fmix64(x: np.ndarray) -> np.ndarray:
@@ -197,8 +224,43 @@ def _word_tokens(texts: pa.Array, normalize: bool) -> tuple[np.ndarray, np.ndarr
     return _hash_tokens(vocab)[idx], counts
 
 
+@functools.lru_cache(maxsize=2)
+def _ascii_word_table(normalize: bool) -> np.ndarray:
+    """What pyarrow does to each ASCII byte of a word, for the C++ shingler: -1
+    splits words (``utf8_split_whitespace``), -2 is removed by ``_normalize``,
+    otherwise the byte it becomes. Asked of pyarrow itself, one byte at a time."""
+    chars = [chr(c) for c in range(128)]
+    words = pc.utf8_split_whitespace(pa.array([f"a{c}b" for c in chars]))
+    splits = pc.list_value_length(words).to_numpy(zero_copy_only=False) != 1
+    table = np.full(128, -2, dtype=np.int16)
+    for c, out in enumerate(_normalize(pa.array(chars), normalize).to_pylist()):
+        if splits[c]:
+            table[c] = -1
+        elif out:
+            if len(out.encode()) != 1:
+                raise RuntimeError(f"pyarrow normalizes byte {c} to {out!r}, not one byte")
+            table[c] = ord(out)
+    return table
+
+
+def _native_word_shingles(native: ModuleType, texts: pa.Array, ngram: int,
+                          normalize: bool) -> tuple[np.ndarray, np.ndarray]:
+    """shingle_hashes(word, fast) by the C++ kernel; texts that are not ASCII by numpy."""
+    if texts.null_count:
+        texts = pc.fill_null(texts, "")
+    offsets, data = _string_parts(texts)
+    h, d, skipped = native.word_shingles(offsets, data, _ascii_word_table(normalize), _MULT,
+                                         ngram)
+    if skipped.size:
+        h2, d2 = shingle_hashes(texts.take(pa.array(skipped)), "word", ngram, normalize, "fast",
+                                kernel="numpy")
+        h, d = np.concatenate([h, h2]), np.concatenate([d, skipped[d2]])
+    return h, d
+
+
 def shingle_hashes(texts: pa.Array, shingle: str = "word", ngram: int = 5,
-                   normalize: bool = True, hash: str = "fast") -> tuple[np.ndarray, np.ndarray]:
+                   normalize: bool = True, hash: str = "fast",
+                   kernel: Kernel = "auto") -> tuple[np.ndarray, np.ndarray]:
     """32-bit hashes of every shingle of every text, and the text index of each.
 
     ``shingle="word"``: n-grams of whitespace-separated words; ``"char"``:
@@ -207,10 +269,15 @@ def shingle_hashes(texts: pa.Array, shingle: str = "word", ngram: int = 5,
     ``hash="fast"`` hashes with numpy over the whole batch (the upper 32 bits
     of a 64-bit hash); ``hash="sha1"`` is datasketch's ``sha1_hash32`` of the
     UTF-8 shingle (words joined by one space), one Python call per shingle.
-    Records without shingles (empty text) get none.
+    Records without shingles (empty text) get none. ``kernel`` (module doc)
+    only changes the order of the pairs, never the pairs.
     """
     if isinstance(texts, pa.ChunkedArray):
         texts = texts.combine_chunks()
+    native = native_kernel(kernel) if shingle == "word" and hash == "fast" else None
+    if native is not None and (pa.types.is_string(texts.type)
+                               or pa.types.is_large_string(texts.type)):
+        return _native_word_shingles(native, texts, ngram, normalize)
     if shingle == "word" and hash == "fast":
         tok, counts = _word_tokens(texts, normalize)
     else:
@@ -264,7 +331,7 @@ def permutations(num_perm: int, seed: int, scheme: str) -> tuple[np.ndarray, np.
 
 
 def signatures(h: np.ndarray, docs: np.ndarray, n_docs: int, num_perm: int = 128,
-               seed: int = 1, scheme: str = "affine32") -> np.ndarray:
+               seed: int = 1, scheme: str = "affine32", kernel: Kernel = "auto") -> np.ndarray:
     """MinHash signatures ``(n_docs, num_perm)`` from shingle hashes and their record index.
 
     ``affine32``: ``min_x (a * fmix32(x) + b) mod 2^32``; ``legacy``:
@@ -272,7 +339,20 @@ def signatures(h: np.ndarray, docs: np.ndarray, n_docs: int, num_perm: int = 128
     datasketch computes them (uint32 for affine32, uint64 for legacy). Records
     without shingles keep the empty value (the maximum), as in datasketch.
     ``one_permutation``: one hash per shingle, binned, densified (module doc).
+    ``kernel``: who computes (module doc); the result is the same.
     """
+    native = native_kernel(kernel)
+    if native is not None:
+        h = np.ascontiguousarray(h, dtype=np.uint32)
+        docs = np.ascontiguousarray(docs, dtype=np.int64)
+        if scheme == "one_permutation":
+            seed_mult = (seed * int(_MULT[126])) & 0xFFFFFFFFFFFFFFFF
+            return native.one_permutation_signatures(h, docs, n_docs, num_perm, seed_mult,
+                                                     int(_MULT[125]))
+        a, b = permutations(num_perm, seed, scheme)
+        if scheme == "legacy":
+            return native.legacy_signatures(h, docs, n_docs, a, b)
+        return native.affine32_signatures(h, docs, n_docs, a, b)
     if scheme == "one_permutation":
         # one hash per shingle and a scattered minimum: order and repeats do not matter
         return _one_permutation(h, docs.astype(np.int64), n_docs, num_perm, seed)
@@ -333,12 +413,15 @@ def _one_permutation(h: np.ndarray, docs: np.ndarray, n_docs: int, k: int,
     return sig
 
 
-def band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
+def band_keys(sig: np.ndarray, bands: int, rows: int, kernel: Kernel = "auto") -> np.ndarray:
     """One uint64 key per (record, band): a hash of the band's ``rows`` values
     and the band index, so equal values in different bands never share a key."""
-    x = sig[:, : bands * rows].astype(np.uint64).reshape(sig.shape[0], bands, rows)
     # one odd multiplier per row position, however many rows a band has
     mult = fmix64(np.arange(1, rows + 1, dtype=np.uint64) * _MULT[123]) | np.uint64(1)
+    native = native_kernel(kernel)
+    if native is not None:
+        return native.band_keys(sig, bands, rows, mult, int(_MULT[124]))
+    x = sig[:, : bands * rows].astype(np.uint64).reshape(sig.shape[0], bands, rows)
     acc = ((x + np.uint64(1)) * mult).sum(axis=2, dtype=np.uint64)
     acc += np.arange(bands, dtype=np.uint64) * _MULT[124]
     return fmix64(acc)
@@ -366,6 +449,9 @@ class MinHashDedupParams(ClusterDedupParams):
                          "Jaccard); the keys then carry the signature, num_perm * 4 bytes per band")
     bands: int | None = Field(None, ge=1, description="override the chosen bands (with rows)")
     rows: int | None = Field(None, ge=1, description="override the chosen rows (with bands)")
+    kernel: Kernel = Field("auto", description="native: the C++ kernel (an error if it does "
+                           "not build); numpy; auto: native when it builds, else numpy. "
+                           "Same signatures either way")
 
     @model_validator(mode="after")
     def _check(self) -> MinHashDedupParams:
@@ -417,14 +503,26 @@ class MinHashDedup(ClusterDedup):
             self.bands, self.rows = optimal_bands(p.threshold, p.num_perm, p.fp_weight,
                                                   p.fn_weight)
 
+    def setup(self) -> None:
+        """Build or load the C++ kernel once per worker (the ``kernel`` parameter)."""
+        self._backend = "numpy" if native_kernel(self.params.kernel) is None else "native"
+
+    @property
+    def backend(self) -> Literal["native", "numpy"]:
+        """Which kernel computes shingles, signatures and band keys."""
+        if not hasattr(self, "_backend"):
+            self.setup()
+        return self._backend
+
     def signatures(self, batch: pa.Table) -> tuple[np.ndarray, np.ndarray]:
         """(signatures ``(rows, num_perm)``, mask of rows that have shingles)."""
         p = self.params
+        kernel = self.backend
         h, d = shingle_hashes(batch.column(self.text_column), p.shingle, p.ngram, p.normalize,
-                              p.hash)
+                              p.hash, kernel)
         has = np.zeros(batch.num_rows, dtype=bool)
         has[d] = True
-        return signatures(h, d, batch.num_rows, p.num_perm, p.hash_seed, p.scheme), has
+        return signatures(h, d, batch.num_rows, p.num_perm, p.hash_seed, p.scheme, kernel), has
 
     def record_keys(self, batch: pa.Table) -> tuple[np.ndarray, np.ndarray, dict[str, pa.Array]]:
         keys, rows, sigs = [], [], []
@@ -432,7 +530,7 @@ class MinHashDedup(ClusterDedup):
             sub = batch.slice(start, SUB_BATCH)
             sig, has = self.signatures(sub)
             idx = np.flatnonzero(has)
-            keys.append(band_keys(sig[idx], self.bands, self.rows).ravel())
+            keys.append(band_keys(sig[idx], self.bands, self.rows, self.backend).ravel())
             rows.append(np.repeat(idx + start, self.bands))
             if self.params.verify:
                 sigs.append(np.repeat(sig[idx].astype(np.uint32), self.bands, axis=0))

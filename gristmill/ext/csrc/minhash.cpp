@@ -1,0 +1,334 @@
+// MinHash near dedup on the CPU: word shingles, signatures and LSH band keys.
+//
+// Every function computes exactly what the numpy code of
+// gristmill/selectors/minhash.py computes (same constants, same wrapping uint32 /
+// uint64 arithmetic), so the two paths give bit-identical results; the tests
+// compare them on random documents for every scheme.
+//
+// The signature of a record with shingle hashes x is, per permutation j,
+//
+//     affine32: sig_j = min_x (a_j * fmix32(x) + b_j) mod 2^32
+//     legacy:   sig_j = min_x ((a_j * x + b_j) mod 2^64 mod (2^61 - 1)) mod 2^32
+//
+// (datasketch's two schemes; Broder 1997). The loop over j is written as plain
+// lanes the compiler vectorizes; it is built twice, for AVX2 and for the baseline
+// x86-64 (SSE2), and the AVX2 copy runs when the CPU has it, so the library needs
+// no -march flag.
+
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <stdexcept>
+#include <utility>
+#include <vector>
+
+namespace py = pybind11;
+
+namespace {
+
+constexpr uint64_t kMersenne = (uint64_t{1} << 61) - 1;
+constexpr uint64_t kLow32 = 0xFFFFFFFFull;
+
+inline uint64_t fmix64(uint64_t x) {
+  x ^= x >> 33;
+  x *= 0xFF51AFD7ED558CCDull;
+  x ^= x >> 33;
+  x *= 0xC4CEB9FE1A85EC53ull;
+  return x ^ (x >> 33);
+}
+
+inline uint32_t fmix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x85EBCA6Bu;
+  x ^= x >> 13;
+  x *= 0xC2B2AE35u;
+  return x ^ (x >> 16);
+}
+
+bool has_avx2() {
+#if defined(__x86_64__) || defined(__i386__)
+  static const bool yes = __builtin_cpu_supports("avx2");
+  return yes;
+#else
+  return false;
+#endif
+}
+
+// The AVX2 copy when the CPU has it and the caller allows it (tests run both).
+bool use_avx2(bool allowed) { return allowed && has_avx2(); }
+
+// The same body compiled for two targets: `ATTR` is empty or target("avx2").
+#define GRISTMILL_MINHASH_KERNELS(SUFFIX, ATTR)                                          \
+  ATTR void affine32_##SUFFIX(const uint32_t* __restrict h, const int64_t* __restrict d, \
+                              int64_t n, const uint32_t* __restrict a,                   \
+                              const uint32_t* __restrict b, int64_t k,                   \
+                              uint32_t* __restrict sig) {                                \
+    for (int64_t i = 0; i < n; ++i) {                                                    \
+      const uint32_t x = fmix32(h[i]);                                                   \
+      uint32_t* __restrict row = sig + d[i] * k;                                         \
+      for (int64_t j = 0; j < k; ++j) {                                                  \
+        const uint32_t y = a[j] * x + b[j];                                              \
+        row[j] = y < row[j] ? y : row[j];                                                \
+      }                                                                                  \
+    }                                                                                    \
+  }                                                                                      \
+  /* a * x with x < 2^32 as two 32x32->64 products: what the vector units have */      \
+  ATTR void legacy_##SUFFIX(const uint32_t* __restrict h, const int64_t* __restrict d,   \
+                            int64_t n, const uint32_t* __restrict a_lo,                  \
+                            const uint32_t* __restrict a_hi,                             \
+                            const uint64_t* __restrict b, int64_t k,                     \
+                            int64_t* __restrict sig) {                                   \
+    for (int64_t i = 0; i < n; ++i) {                                                    \
+      const uint64_t x = h[i];                                                           \
+      int64_t* __restrict row = sig + d[i] * k;                                          \
+      for (int64_t j = 0; j < k; ++j) {                                                  \
+        uint64_t y = uint64_t{a_lo[j]} * x + ((uint64_t{a_hi[j]} * x) << 32) + b[j];    \
+        y = (y & kMersenne) + (y >> 61);                                                 \
+        y -= y >= kMersenne ? kMersenne : 0;                                             \
+        /* below 2^32 now: a signed minimum is the unsigned one */                       \
+        const int64_t v = static_cast<int64_t>(y & kLow32);                              \
+        row[j] = v < row[j] ? v : row[j];                                                \
+      }                                                                                  \
+    }                                                                                    \
+  }
+
+GRISTMILL_MINHASH_KERNELS(base, )
+#if defined(__x86_64__) || defined(__i386__)
+GRISTMILL_MINHASH_KERNELS(avx2, __attribute__((target("avx2"))))
+#endif
+
+using U8 = py::array_t<uint8_t, py::array::c_style | py::array::forcecast>;
+using I16 = py::array_t<int16_t, py::array::c_style | py::array::forcecast>;
+using U32 = py::array_t<uint32_t, py::array::c_style | py::array::forcecast>;
+using I64 = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
+using U64 = py::array_t<uint64_t, py::array::c_style | py::array::forcecast>;
+
+void check_docs(const I64& docs, int64_t n, int64_t n_docs) {
+  const int64_t* d = docs.data();
+  for (int64_t i = 0; i < n; ++i) {
+    if (d[i] < 0 || d[i] >= n_docs) throw std::out_of_range("record index out of range");
+  }
+}
+
+py::array_t<uint32_t> affine32_signatures(const U32& h, const I64& docs, int64_t n_docs,
+                                          const U32& a, const U32& b, bool avx2) {
+  const int64_t n = h.size(), k = a.size();
+  if (docs.size() != n || b.size() != k) throw std::invalid_argument("length mismatch");
+  check_docs(docs, n, n_docs);
+  py::array_t<uint32_t> out({n_docs, k});
+  uint32_t* sig = out.mutable_data();
+  {
+    py::gil_scoped_release nogil;
+    std::fill(sig, sig + n_docs * k, 0xFFFFFFFFu);
+#if defined(__x86_64__) || defined(__i386__)
+    if (use_avx2(avx2)) {
+      affine32_avx2(h.data(), docs.data(), n, a.data(), b.data(), k, sig);
+    } else {
+      affine32_base(h.data(), docs.data(), n, a.data(), b.data(), k, sig);
+    }
+#else
+    affine32_base(h.data(), docs.data(), n, a.data(), b.data(), k, sig);
+#endif
+  }
+  return out;
+}
+
+py::array_t<uint64_t> legacy_signatures(const U32& h, const I64& docs, int64_t n_docs,
+                                        const U64& a, const U64& b, bool avx2) {
+  const int64_t n = h.size(), k = a.size();
+  if (docs.size() != n || b.size() != k) throw std::invalid_argument("length mismatch");
+  check_docs(docs, n, n_docs);
+  py::array_t<uint64_t> out({n_docs, k});
+  int64_t* sig = reinterpret_cast<int64_t*>(out.mutable_data());
+  {
+    py::gil_scoped_release nogil;
+    std::vector<uint32_t> a_lo(k), a_hi(k);
+    for (int64_t j = 0; j < k; ++j) {
+      a_lo[j] = static_cast<uint32_t>(a.data()[j]);
+      a_hi[j] = static_cast<uint32_t>(a.data()[j] >> 32);
+    }
+    std::fill(sig, sig + n_docs * k, static_cast<int64_t>(kLow32));
+#if defined(__x86_64__) || defined(__i386__)
+    if (use_avx2(avx2)) {
+      legacy_avx2(h.data(), docs.data(), n, a_lo.data(), a_hi.data(), b.data(), k, sig);
+    } else {
+      legacy_base(h.data(), docs.data(), n, a_lo.data(), a_hi.data(), b.data(), k, sig);
+    }
+#else
+    legacy_base(h.data(), docs.data(), n, a_lo.data(), a_hi.data(), b.data(), k, sig);
+#endif
+  }
+  return out;
+}
+
+// One permutation hashing (Li, Owen & Zhang 2012): one 64-bit hash per shingle,
+// the upper half picks the bin, the lower half is the value; empty bins of a record
+// with shingles copy the bin that fmix64(bin * m125 + attempt) mod k points at,
+// for attempt = 1, 2, ... until that bin was filled (Shrivastava 2017).
+py::array_t<uint32_t> one_permutation_signatures(const U32& h, const I64& docs, int64_t n_docs,
+                                                 int64_t k, uint64_t seed_mult, uint64_t m125) {
+  const int64_t n = h.size();
+  if (docs.size() != n) throw std::invalid_argument("length mismatch");
+  check_docs(docs, n, n_docs);
+  py::array_t<uint32_t> out({n_docs, k});
+  uint32_t* sig = out.mutable_data();
+  {
+    py::gil_scoped_release nogil;
+    const uint32_t* hp = h.data();
+    const int64_t* d = docs.data();
+    std::fill(sig, sig + n_docs * k, 0xFFFFFFFFu);
+    std::vector<uint8_t> has(n_docs, 0);
+    for (int64_t i = 0; i < n; ++i) {
+      const uint64_t g = fmix64(uint64_t{hp[i]} ^ seed_mult);
+      const int64_t bin = static_cast<int64_t>((g >> 32) % static_cast<uint64_t>(k));
+      uint32_t& cell = sig[d[i] * k + bin];
+      cell = std::min(cell, static_cast<uint32_t>(g & kLow32));
+      has[d[i]] = 1;
+    }
+    std::vector<uint8_t> filled(k);
+    for (int64_t r = 0; r < n_docs; ++r) {
+      if (!has[r]) continue;
+      uint32_t* row = sig + r * k;
+      for (int64_t c = 0; c < k; ++c) filled[c] = row[c] != 0xFFFFFFFFu;
+      for (int64_t c = 0; c < k; ++c) {
+        if (filled[c]) continue;
+        for (int64_t attempt = 1; attempt < 64 * k; ++attempt) {
+          const uint64_t src =
+              fmix64(static_cast<uint64_t>(c) * m125 + static_cast<uint64_t>(attempt)) %
+              static_cast<uint64_t>(k);
+          if (filled[src]) {
+            row[c] = row[src];
+            break;
+          }
+        }
+      }
+    }
+  }
+  return out;
+}
+
+// Word n-gram shingles of ASCII texts, as shingle_hashes(hash="fast") computes them.
+// `table` maps each ASCII byte to -1 (whitespace: ends a word), -2 (removed by the
+// normalization) or the byte it becomes (lower case); the caller derives it from
+// pyarrow's own utf8_split_whitespace / utf8_lower / punctuation regex. A word's
+// hash is fmix64(sum_i (c_i + 1) * M[i mod 64] + (i >> 6) * M[64] ^ len * M[65])
+// over its normalized bytes c_i (empty words are dropped); an n-gram's is
+// fmix64(sum_t tok_t * M[66 + t mod 60]) and the shingle is its upper 32 bits.
+// Texts with a byte >= 128 are skipped and listed: their Unicode rules stay with
+// pyarrow. Order of the output: records with >= n words, then the shorter ones.
+py::tuple word_shingles(const I64& offsets, const U8& data, const I16& table, const U64& mult,
+                        int64_t ngram) {
+  const int64_t n_docs = offsets.size() - 1;
+  if (table.size() != 128 || mult.size() != 128 || ngram < 1 || ngram > 60) {
+    throw std::invalid_argument("table needs 128 entries, mult 128, ngram 1..60");
+  }
+  std::vector<uint32_t> hs, short_hs;
+  std::vector<int64_t> ds, short_ds, skipped;
+  const int64_t* off = offsets.data();
+  if (n_docs < 0 || off[0] < 0 || off[n_docs] > data.size()) {
+    throw std::out_of_range("offsets beyond the data");
+  }
+  {
+    py::gil_scoped_release nogil;
+    const uint8_t* bytes = data.data();
+    const int16_t* map = table.data();
+    const uint64_t* m = mult.data();
+    hs.reserve(static_cast<size_t>(off[n_docs] / 6 + 16));
+    ds.reserve(hs.capacity());
+    std::vector<uint64_t> tok;
+    for (int64_t r = 0; r < n_docs; ++r) {
+      tok.clear();
+      bool ascii = true;
+      uint64_t acc = 0;
+      int64_t len = 0;
+      for (int64_t p = off[r]; p < off[r + 1]; ++p) {
+        const uint8_t c = bytes[p];
+        if (c >= 128) {
+          ascii = false;
+          break;
+        }
+        const int16_t v = map[c];
+        if (v >= 0) {
+          acc += (static_cast<uint64_t>(v) + 1) * m[len & 63] + static_cast<uint64_t>(len >> 6) * m[64];
+          ++len;
+        } else if (v == -1 && len > 0) {
+          tok.push_back(fmix64(acc ^ (static_cast<uint64_t>(len) * m[65])));
+          acc = 0;
+          len = 0;
+        }
+      }
+      if (!ascii) {
+        skipped.push_back(r);
+        continue;
+      }
+      if (len > 0) tok.push_back(fmix64(acc ^ (static_cast<uint64_t>(len) * m[65])));
+      const int64_t count = static_cast<int64_t>(tok.size());
+      if (count >= ngram) {
+        for (int64_t i = 0; i + ngram <= count; ++i) {
+          uint64_t s = 0;
+          for (int64_t t = 0; t < ngram; ++t) s += tok[i + t] * m[66 + t % 60];
+          hs.push_back(static_cast<uint32_t>(fmix64(s) >> 32));
+          ds.push_back(r);
+        }
+      } else if (count > 0) {
+        uint64_t s = 0;
+        for (int64_t t = 0; t < count; ++t) s += tok[t] * m[66 + t % 60];
+        short_hs.push_back(static_cast<uint32_t>(fmix64(s) >> 32));
+        short_ds.push_back(r);
+      }
+    }
+    hs.insert(hs.end(), short_hs.begin(), short_hs.end());
+    ds.insert(ds.end(), short_ds.begin(), short_ds.end());
+  }
+  py::array_t<uint32_t> h_out(static_cast<py::ssize_t>(hs.size()));
+  py::array_t<int64_t> d_out(static_cast<py::ssize_t>(ds.size()));
+  py::array_t<int64_t> s_out(static_cast<py::ssize_t>(skipped.size()));
+  std::memcpy(h_out.mutable_data(), hs.data(), hs.size() * sizeof(uint32_t));
+  std::memcpy(d_out.mutable_data(), ds.data(), ds.size() * sizeof(int64_t));
+  std::memcpy(s_out.mutable_data(), skipped.data(), skipped.size() * sizeof(int64_t));
+  return py::make_tuple(h_out, d_out, s_out);
+}
+
+// key = fmix64(sum_r (sig_r + 1) * row_mult_r + band * band_mult), one per (record, band).
+py::array_t<uint64_t> band_keys(const U64& sig, int64_t bands, int64_t rows, const U64& row_mult,
+                                uint64_t band_mult) {
+  if (sig.ndim() != 2 || bands * rows > sig.shape(1) || row_mult.size() != rows) {
+    throw std::invalid_argument("sig must be (records, >= bands * rows), row_mult rows long");
+  }
+  const int64_t n = sig.shape(0), k = sig.shape(1);
+  py::array_t<uint64_t> out({n, bands});
+  uint64_t* keys = out.mutable_data();
+  {
+    py::gil_scoped_release nogil;
+    const uint64_t* s = sig.data();
+    const uint64_t* rm = row_mult.data();
+    for (int64_t i = 0; i < n; ++i) {
+      for (int64_t band = 0; band < bands; ++band) {
+        const uint64_t* x = s + i * k + band * rows;
+        uint64_t acc = 0;
+        for (int64_t r = 0; r < rows; ++r) acc += (x[r] + 1) * rm[r];
+        keys[i * bands + band] = fmix64(acc + static_cast<uint64_t>(band) * band_mult);
+      }
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("affine32_signatures", &affine32_signatures, "datasketch affine32 MinHash",
+        py::arg("h"), py::arg("docs"), py::arg("n_docs"), py::arg("a"), py::arg("b"),
+        py::arg("avx2") = true);
+  m.def("legacy_signatures", &legacy_signatures, "datasketch legacy (mersenne) MinHash",
+        py::arg("h"), py::arg("docs"), py::arg("n_docs"), py::arg("a"), py::arg("b"),
+        py::arg("avx2") = true);
+  m.def("one_permutation_signatures", &one_permutation_signatures,
+        "one permutation hashing with optimal densification");
+  m.def("word_shingles", &word_shingles, "word n-gram shingle hashes of ASCII texts");
+  m.def("band_keys", &band_keys, "LSH band keys");
+  m.def("has_avx2", &has_avx2, "whether the AVX2 copy of the signature loops runs");
+}

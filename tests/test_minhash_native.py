@@ -1,0 +1,131 @@
+"""The C++ MinHash kernel gives bit-identical results to the numpy path."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from pydantic import ValidationError
+
+from gristmill.ext import minhash_native
+from gristmill.selectors.minhash import (
+    MinHashDedup,
+    band_keys,
+    native_kernel,
+    permutations,
+    shingle_hashes,
+    signatures,
+)
+
+if minhash_native.module() is None:
+    pytest.skip(f"C++ MinHash kernel not built: {minhash_native.build_error()}",
+                allow_module_level=True)
+
+SCHEMES = ["affine32", "legacy", "one_permutation"]
+
+
+def _random_texts(seed: int, n: int = 60) -> list[str | None]:
+    """Words of a small vocabulary (so shingles repeat) with punctuation, case,
+    odd whitespace, every ASCII byte somewhere, and a few non-ASCII texts."""
+    rng = np.random.RandomState(seed)
+    vocab = [f"w{i}" for i in range(40)] + ["Hello,", "WORLD!", "don't", "_x_", "--", "a.b",
+                                             "\x00z", "q\x1fr", "tab\there", "1\x0b2", "x" * 70]
+    texts: list[str | None] = []
+    for i in range(n):
+        words = [vocab[j] for j in rng.randint(0, len(vocab), rng.randint(0, 30))]
+        texts.append(" ".join(words) if i % 3 else "  ".join(words) + " \n")
+    texts += ["", None, "... !!", "Café naïve 東京 Tower, ok!\u00a0done",
+              "".join(chr(c) for c in range(128)), "one two", "solo"]
+    return texts
+
+
+def _pairs(h: np.ndarray, d: np.ndarray) -> list[tuple[int, int]]:
+    return sorted(zip(d.tolist(), h.tolist(), strict=True))
+
+
+def test_native_word_shingles_equal_numpy_in_the_same_order_for_ascii_texts():
+    texts = pa.array([t for t in _random_texts(0) if t is None or t.isascii()])
+    for ngram in (1, 3, 5):
+        for normalize in (True, False):
+            hn, dn = shingle_hashes(texts, "word", ngram, normalize, kernel="numpy")
+            hc, dc = shingle_hashes(texts, "word", ngram, normalize, kernel="native")
+            assert hc.dtype == np.uint32 and dc.dtype == np.int64
+            assert np.array_equal(hn, hc) and np.array_equal(dn, dc), (ngram, normalize)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_native_shingles_hand_non_ascii_texts_to_numpy_and_give_the_same_pairs(normalize):
+    texts = pa.array(_random_texts(1), pa.large_string()).slice(3)
+    hn, dn = shingle_hashes(texts, "word", 5, normalize, kernel="numpy")
+    hc, dc = shingle_hashes(texts, "word", 5, normalize, kernel="native")
+    assert len(hc) == len(hn) > 0
+    assert _pairs(hn, dn) == _pairs(hc, dc)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("num_perm", [128, 37])
+def test_native_signatures_equal_numpy_on_random_documents(scheme, num_perm):
+    for seed in range(3):
+        texts = pa.array(_random_texts(seed))
+        h, d = shingle_hashes(texts, "word", 3, kernel="numpy")
+        expected = signatures(h, d, len(texts), num_perm, seed + 1, scheme, kernel="numpy")
+        got = signatures(h, d, len(texts), num_perm, seed + 1, scheme, kernel="native")
+        assert got.dtype == expected.dtype and got.shape == expected.shape
+        assert np.array_equal(got, expected), (scheme, seed)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_native_signatures_equal_numpy_on_full_32_bit_hashes(scheme):
+    rng = np.random.RandomState(9)
+    h = rng.randint(0, 1 << 32, 5000, dtype=np.uint64).astype(np.uint32)
+    h[:4] = [0, 1, 0xFFFFFFFF, 0x80000000]
+    d = rng.randint(0, 40, h.size).astype(np.int64)  # unsorted, with empty records
+    d[d == 7] = 8
+    expected = signatures(h, d, 41, 64, 42, scheme, kernel="numpy")
+    got = signatures(h, d, 41, 64, 42, scheme, kernel="native")
+    assert np.array_equal(got, expected)
+    assert (got[7] == got[40]).all() and got[7].max() == got[7].min()  # empty: untouched
+
+
+def test_native_band_keys_equal_numpy_for_both_signature_dtypes():
+    rng = np.random.RandomState(3)
+    for dtype, high in ((np.uint32, 1 << 32), (np.uint64, 1 << 32)):
+        sig = rng.randint(0, high, (50, 128), dtype=np.uint64).astype(dtype)
+        for bands, rows in ((9, 13), (1, 128), (20, 5)):
+            expected = band_keys(sig, bands, rows, kernel="numpy")
+            assert np.array_equal(band_keys(sig, bands, rows, kernel="native"), expected)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_stage_keys_are_the_same_table_with_either_kernel(scheme):
+    texts = _random_texts(4, 300)
+    texts += texts[:40]  # exact copies: candidates in every band
+    batch = pa.table({"id": [f"r{i:04d}" for i in range(len(texts))], "text": texts})
+    numpy_stage = MinHashDedup({"scheme": scheme, "kernel": "numpy", "verify": True})
+    native_stage = MinHashDedup({"scheme": scheme, "kernel": "native", "verify": True})
+    assert (numpy_stage.backend, native_stage.backend) == ("numpy", "native")
+    expected = numpy_stage.keys(batch)
+    assert native_stage.keys(batch).equals(expected)
+    assert expected.num_rows > 0
+
+
+def test_kernel_parameter_is_validated_and_numpy_needs_no_build():
+    with pytest.raises(ValidationError, match="kernel"):
+        MinHashDedup({"kernel": "fortran"})
+    with pytest.raises(ValueError, match="kernel must be one of auto, native, numpy"):
+        native_kernel("fortran")
+    assert native_kernel("numpy") is None
+    assert native_kernel("auto") is minhash_native.module()
+
+
+@pytest.mark.parametrize("scheme", ["affine32", "legacy"])
+def test_baseline_x86_64_copy_of_the_signature_loop_equals_numpy(scheme):
+    # the copy that runs on CPUs without AVX2 (here forced, whatever the CPU has)
+    rng = np.random.RandomState(11)
+    h = rng.randint(0, 1 << 32, 3000, dtype=np.uint64).astype(np.uint32)
+    d = np.sort(rng.randint(0, 30, h.size)).astype(np.int64)
+    a, b = permutations(100, 5, scheme)
+    run = getattr(minhash_native.module(), f"{scheme}_signatures")
+    expected = signatures(h, d, 30, 100, 5, scheme, kernel="numpy")
+    assert np.array_equal(run(h, d, 30, a, b, avx2=False), expected)
+    assert np.array_equal(run(h, d, 30, a, b, avx2=True), expected)
