@@ -118,14 +118,23 @@ def test_kernel_parameter_is_validated_and_numpy_needs_no_build():
     assert native_kernel("auto") is minhash_native.module()
 
 
+@pytest.mark.parametrize("isa", ["base", "sse4.1", "avx2"])
 @pytest.mark.parametrize("scheme", ["affine32", "legacy"])
-def test_baseline_x86_64_copy_of_the_signature_loop_equals_numpy(scheme):
-    # the copy that runs on CPUs without AVX2 (here forced, whatever the CPU has)
+def test_every_compiled_copy_of_the_signature_loop_equals_numpy(scheme, isa):
+    # the copies for older CPUs are forced here, whatever this CPU has
+    native = minhash_native.module()
+    if isa != "base" and native.pick_isa() not in (isa, "avx2"):
+        pytest.skip(f"this CPU has no {isa}")
     rng = np.random.RandomState(11)
     h = rng.randint(0, 1 << 32, 3000, dtype=np.uint64).astype(np.uint32)
     d = np.sort(rng.randint(0, 30, h.size)).astype(np.int64)
-    a, b = permutations(100, 5, scheme)
-    run = getattr(minhash_native.module(), f"{scheme}_signatures")
-    expected = signatures(h, d, 30, 100, 5, scheme, kernel="numpy")
-    assert np.array_equal(run(h, d, 30, a, b, avx2=False), expected)
-    assert np.array_equal(run(h, d, 30, a, b, avx2=True), expected)
+    for num_perm in (100, 128, 7):  # whole blocks of 32 lanes, a tail, only a tail
+        a, b = permutations(num_perm, 5, scheme)
+        expected = signatures(h, d, 30, num_perm, 5, scheme, kernel="numpy")
+        got = getattr(native, f"{scheme}_signatures")(h, d, 30, a, b, isa=isa)
+        assert np.array_equal(got, expected), num_perm
+
+
+def test_asking_for_an_unknown_instruction_set_is_an_error():
+    with pytest.raises(ValueError, match="isa must be auto, avx2, sse4.1 or base"):
+        minhash_native.module().pick_isa("neon")

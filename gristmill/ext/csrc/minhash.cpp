@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <cstring>
 #include <stdexcept>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -48,56 +49,104 @@ inline uint32_t fmix32(uint32_t x) {
   return x ^ (x >> 16);
 }
 
-bool has_avx2() {
+// Which compiled copy of the signature loops runs: "avx2", "sse4.1" or "base".
+// `want` is "auto" (the widest this CPU has) or one of those, which must not be
+// wider than the CPU; tests force each one.
+std::string pick_isa(const std::string& want) {
+  std::string best = "base";
 #if defined(__x86_64__) || defined(__i386__)
-  static const bool yes = __builtin_cpu_supports("avx2");
-  return yes;
-#else
-  return false;
+  if (__builtin_cpu_supports("avx2")) {
+    best = "avx2";
+  } else if (__builtin_cpu_supports("sse4.1")) {
+    best = "sse4.1";
+  }
 #endif
+  if (want == "auto") return best;
+  const std::string order[] = {"base", "sse4.1", "avx2"};
+  const auto rank = [&](const std::string& isa) {
+    for (int i = 0; i < 3; ++i) {
+      if (order[i] == isa) return i;
+    }
+    throw std::invalid_argument("isa must be auto, avx2, sse4.1 or base; got " + isa);
+  };
+  if (rank(want) > rank(best)) throw std::invalid_argument("this CPU has no " + want);
+  return want;
 }
 
-// The AVX2 copy when the CPU has it and the caller allows it (tests run both).
-bool use_avx2(bool allowed) { return allowed && has_avx2(); }
+// uint32 lanes as one value (GCC vector extension): eight for an AVX2 register,
+// four for an SSE one, without intrinsics tied to an instruction set. Aligned to
+// 4 and may_alias, so any uint32_t* can be read and written through them.
+typedef uint32_t v8u __attribute__((vector_size(32), aligned(4), may_alias));
+typedef uint32_t v4u __attribute__((vector_size(16), aligned(4), may_alias));
 
-// The same body compiled for two targets: `ATTR` is empty or target("avx2").
-#define GRISTMILL_MINHASH_KERNELS(SUFFIX, ATTR)                                          \
-  ATTR void affine32_##SUFFIX(const uint32_t* __restrict h, const int64_t* __restrict d, \
-                              int64_t n, const uint32_t* __restrict a,                   \
-                              const uint32_t* __restrict b, int64_t k,                   \
-                              uint32_t* __restrict sig) {                                \
-    for (int64_t i = 0; i < n; ++i) {                                                    \
-      const uint32_t x = fmix32(h[i]);                                                   \
-      uint32_t* __restrict row = sig + d[i] * k;                                         \
-      for (int64_t j = 0; j < k; ++j) {                                                  \
-        const uint32_t y = a[j] * x + b[j];                                              \
-        row[j] = y < row[j] ? y : row[j];                                                \
-      }                                                                                  \
-    }                                                                                    \
-  }                                                                                      \
-  /* a * x with x < 2^32 as two 32x32->64 products: what the vector units have */      \
-  ATTR void legacy_##SUFFIX(const uint32_t* __restrict h, const int64_t* __restrict d,   \
-                            int64_t n, const uint32_t* __restrict a_lo,                  \
-                            const uint32_t* __restrict a_hi,                             \
-                            const uint64_t* __restrict b, int64_t k,                     \
-                            int64_t* __restrict sig) {                                   \
-    for (int64_t i = 0; i < n; ++i) {                                                    \
-      const uint64_t x = h[i];                                                           \
-      int64_t* __restrict row = sig + d[i] * k;                                          \
-      for (int64_t j = 0; j < k; ++j) {                                                  \
-        uint64_t y = uint64_t{a_lo[j]} * x + ((uint64_t{a_hi[j]} * x) << 32) + b[j];    \
-        y = (y & kMersenne) + (y >> 61);                                                 \
-        y -= y >= kMersenne ? kMersenne : 0;                                             \
-        /* below 2^32 now: a signed minimum is the unsigned one */                       \
-        const int64_t v = static_cast<int64_t>(y & kLow32);                              \
-        row[j] = v < row[j] ? v : row[j];                                                \
-      }                                                                                  \
-    }                                                                                    \
+// The same bodies compiled for several targets: `ATTR` is empty (baseline x86-64),
+// target("sse4.1") (pmulld, pminud) or target("avx2"), with vectors `V` of `W`
+// lanes, one register wide. affine32 takes each run of shingles of one record and
+// 4 W permutations at a time, so their running minima and a, b stay in 12
+// registers while the run streams past.
+#define GRISTMILL_MINHASH_KERNELS(SUFFIX, ATTR, V, W)                                       \
+  ATTR void affine32_##SUFFIX(const uint32_t* __restrict x, const int64_t* __restrict d,    \
+                              int64_t n, const uint32_t* __restrict a,                      \
+                              const uint32_t* __restrict b, int64_t k,                      \
+                              uint32_t* __restrict sig) {                                   \
+    for (int64_t s = 0, e = 0; s < n; s = e) {                                              \
+      for (e = s + 1; e < n && d[e] == d[s]; ++e) {                                         \
+      }                                                                                     \
+      uint32_t* __restrict row = sig + d[s] * k;                                            \
+      int64_t j = 0;                                                                        \
+      for (; j + 4 * W <= k; j += 4 * W) {                                                  \
+        V m0 = *(const V*)(row + j), m1 = *(const V*)(row + j + W);                         \
+        V m2 = *(const V*)(row + j + 2 * W), m3 = *(const V*)(row + j + 3 * W);             \
+        const V a0 = *(const V*)(a + j), a1 = *(const V*)(a + j + W);                       \
+        const V a2 = *(const V*)(a + j + 2 * W), a3 = *(const V*)(a + j + 3 * W);           \
+        const V b0 = *(const V*)(b + j), b1 = *(const V*)(b + j + W);                       \
+        const V b2 = *(const V*)(b + j + 2 * W), b3 = *(const V*)(b + j + 3 * W);           \
+        for (int64_t i = s; i < e; ++i) {                                                   \
+          const V xi = V{} + x[i];                                                          \
+          const V y0 = a0 * xi + b0, y1 = a1 * xi + b1;                                     \
+          const V y2 = a2 * xi + b2, y3 = a3 * xi + b3;                                     \
+          m0 = y0 < m0 ? y0 : m0;                                                           \
+          m1 = y1 < m1 ? y1 : m1;                                                           \
+          m2 = y2 < m2 ? y2 : m2;                                                           \
+          m3 = y3 < m3 ? y3 : m3;                                                           \
+        }                                                                                   \
+        *(V*)(row + j) = m0;                                                                \
+        *(V*)(row + j + W) = m1;                                                            \
+        *(V*)(row + j + 2 * W) = m2;                                                        \
+        *(V*)(row + j + 3 * W) = m3;                                                        \
+      }                                                                                     \
+      for (int64_t i = s; i < e; ++i) {                                                     \
+        for (int64_t jj = j; jj < k; ++jj) {                                                \
+          const uint32_t y = a[jj] * x[i] + b[jj];                                          \
+          row[jj] = y < row[jj] ? y : row[jj];                                              \
+        }                                                                                   \
+      }                                                                                     \
+    }                                                                                       \
+  }                                                                                         \
+  /* a * x with x < 2^32 as two 32x32->64 products: what the vector units have */           \
+  ATTR void legacy_##SUFFIX(const uint32_t* __restrict h, const int64_t* __restrict d,      \
+                            int64_t n, const uint32_t* __restrict a_lo,                     \
+                            const uint32_t* __restrict a_hi,                                \
+                            const uint64_t* __restrict b, int64_t k,                        \
+                            int64_t* __restrict sig) {                                      \
+    for (int64_t i = 0; i < n; ++i) {                                                       \
+      const uint64_t x = h[i];                                                              \
+      int64_t* __restrict row = sig + d[i] * k;                                             \
+      for (int64_t j = 0; j < k; ++j) {                                                     \
+        uint64_t y = uint64_t{a_lo[j]} * x + ((uint64_t{a_hi[j]} * x) << 32) + b[j];        \
+        y = (y & kMersenne) + (y >> 61);                                                    \
+        y -= y >= kMersenne ? kMersenne : 0;                                                \
+        /* below 2^32 now: a signed minimum is the unsigned one */                          \
+        const int64_t v = static_cast<int64_t>(y & kLow32);                                 \
+        row[j] = v < row[j] ? v : row[j];                                                   \
+      }                                                                                     \
+    }                                                                                       \
   }
 
-GRISTMILL_MINHASH_KERNELS(base, )
+GRISTMILL_MINHASH_KERNELS(base, , v4u, 4)
 #if defined(__x86_64__) || defined(__i386__)
-GRISTMILL_MINHASH_KERNELS(avx2, __attribute__((target("avx2"))))
+GRISTMILL_MINHASH_KERNELS(sse41, __attribute__((target("sse4.1"))), v4u, 4)
+GRISTMILL_MINHASH_KERNELS(avx2, __attribute__((target("avx2"))), v8u, 8)
 #endif
 
 using U8 = py::array_t<uint8_t, py::array::c_style | py::array::forcecast>;
@@ -114,33 +163,41 @@ void check_docs(const I64& docs, int64_t n, int64_t n_docs) {
 }
 
 py::array_t<uint32_t> affine32_signatures(const U32& h, const I64& docs, int64_t n_docs,
-                                          const U32& a, const U32& b, bool avx2) {
+                                          const U32& a, const U32& b,
+                                          const std::string& isa) {
   const int64_t n = h.size(), k = a.size();
   if (docs.size() != n || b.size() != k) throw std::invalid_argument("length mismatch");
   check_docs(docs, n, n_docs);
+  const std::string run = pick_isa(isa);
   py::array_t<uint32_t> out({n_docs, k});
   uint32_t* sig = out.mutable_data();
   {
     py::gil_scoped_release nogil;
     std::fill(sig, sig + n_docs * k, 0xFFFFFFFFu);
+    std::vector<uint32_t> x(n);
+    for (int64_t i = 0; i < n; ++i) x[i] = fmix32(h.data()[i]);
 #if defined(__x86_64__) || defined(__i386__)
-    if (use_avx2(avx2)) {
-      affine32_avx2(h.data(), docs.data(), n, a.data(), b.data(), k, sig);
+    if (run == "avx2") {
+      affine32_avx2(x.data(), docs.data(), n, a.data(), b.data(), k, sig);
+    } else if (run == "sse4.1") {
+      affine32_sse41(x.data(), docs.data(), n, a.data(), b.data(), k, sig);
     } else {
-      affine32_base(h.data(), docs.data(), n, a.data(), b.data(), k, sig);
+      affine32_base(x.data(), docs.data(), n, a.data(), b.data(), k, sig);
     }
 #else
-    affine32_base(h.data(), docs.data(), n, a.data(), b.data(), k, sig);
+    affine32_base(x.data(), docs.data(), n, a.data(), b.data(), k, sig);
 #endif
   }
   return out;
 }
 
 py::array_t<uint64_t> legacy_signatures(const U32& h, const I64& docs, int64_t n_docs,
-                                        const U64& a, const U64& b, bool avx2) {
+                                        const U64& a, const U64& b,
+                                        const std::string& isa) {
   const int64_t n = h.size(), k = a.size();
   if (docs.size() != n || b.size() != k) throw std::invalid_argument("length mismatch");
   check_docs(docs, n, n_docs);
+  const std::string run = pick_isa(isa);
   py::array_t<uint64_t> out({n_docs, k});
   int64_t* sig = reinterpret_cast<int64_t*>(out.mutable_data());
   {
@@ -152,8 +209,10 @@ py::array_t<uint64_t> legacy_signatures(const U32& h, const I64& docs, int64_t n
     }
     std::fill(sig, sig + n_docs * k, static_cast<int64_t>(kLow32));
 #if defined(__x86_64__) || defined(__i386__)
-    if (use_avx2(avx2)) {
+    if (run == "avx2") {
       legacy_avx2(h.data(), docs.data(), n, a_lo.data(), a_hi.data(), b.data(), k, sig);
+    } else if (run == "sse4.1") {
+      legacy_sse41(h.data(), docs.data(), n, a_lo.data(), a_hi.data(), b.data(), k, sig);
     } else {
       legacy_base(h.data(), docs.data(), n, a_lo.data(), a_hi.data(), b.data(), k, sig);
     }
@@ -252,7 +311,8 @@ py::tuple word_shingles(const I64& offsets, const U8& data, const I16& table, co
         }
         const int16_t v = map[c];
         if (v >= 0) {
-          acc += (static_cast<uint64_t>(v) + 1) * m[len & 63] + static_cast<uint64_t>(len >> 6) * m[64];
+          acc += (static_cast<uint64_t>(v) + 1) * m[len & 63] +
+                 static_cast<uint64_t>(len >> 6) * m[64];
           ++len;
         } else if (v == -1 && len > 0) {
           tok.push_back(fmix64(acc ^ (static_cast<uint64_t>(len) * m[65])));
@@ -322,13 +382,14 @@ py::array_t<uint64_t> band_keys(const U64& sig, int64_t bands, int64_t rows, con
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("affine32_signatures", &affine32_signatures, "datasketch affine32 MinHash",
         py::arg("h"), py::arg("docs"), py::arg("n_docs"), py::arg("a"), py::arg("b"),
-        py::arg("avx2") = true);
+        py::arg("isa") = "auto");
   m.def("legacy_signatures", &legacy_signatures, "datasketch legacy (mersenne) MinHash",
         py::arg("h"), py::arg("docs"), py::arg("n_docs"), py::arg("a"), py::arg("b"),
-        py::arg("avx2") = true);
+        py::arg("isa") = "auto");
   m.def("one_permutation_signatures", &one_permutation_signatures,
         "one permutation hashing with optimal densification");
   m.def("word_shingles", &word_shingles, "word n-gram shingle hashes of ASCII texts");
   m.def("band_keys", &band_keys, "LSH band keys");
-  m.def("has_avx2", &has_avx2, "whether the AVX2 copy of the signature loops runs");
+  m.def("pick_isa", &pick_isa, "which copy of the signature loops runs for `want`",
+        py::arg("want") = "auto");
 }
