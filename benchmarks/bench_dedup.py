@@ -7,6 +7,9 @@ documented usage), ``MinHashLSH.insert``, then a ``query`` per document and a
 union-find over the answers. Both use word 5-grams of the same normalized text,
 128 permutations and threshold 0.8. datasketch runs on a sample of the corpus
 (``--datasketch-docs``) because it is slow; its docs/s is a rate, comparable.
+Each gristmill scheme runs twice, with the numpy kernel and with the C++ one
+(``kernel: numpy`` / ``kernel: native``, built before the clock starts); both
+must drop the same records.
 
 Then the same recipe (exact + near dedup) runs on the local, dask and beam
 engines over the corpus written as JSONL files.
@@ -58,6 +61,7 @@ def make_corpus(n_docs: int, words: int = 400, near_fraction: float = 0.1,
 def run_gristmill(table: pa.Table, params: dict, batch: int = 8192,
                   partitions: int = 8) -> dict:
     stage = MinHashDedup(params)
+    stage.setup()  # builds or loads the C++ kernel outside the timing
     t0 = time.perf_counter()
     c0 = time.process_time()
     keys = []
@@ -69,7 +73,8 @@ def run_gristmill(table: pa.Table, params: dict, batch: int = 8192,
     state = stage.resolve(pa.concat_tables(reduced))
     dt = time.perf_counter() - t0
     cpu = time.process_time() - c0
-    return {"docs": table.num_rows, "seconds": dt, "docs_per_s": table.num_rows / dt,
+    return {"kernel": stage.backend, "docs": table.num_rows, "seconds": dt,
+            "docs_per_s": table.num_rows / dt,
             "cpu_seconds": cpu, "docs_per_cpu_s": table.num_rows / cpu,
             "keys_seconds": t_keys, "dropped": state.num_rows,
             "bands_rows": [stage.bands, stage.rows],
@@ -162,9 +167,17 @@ def main() -> None:
     table = make_corpus(args.docs)
     print(f"corpus: {args.docs} docs x 400 words in {time.perf_counter() - t:.1f}s", flush=True)
     res: dict = {"docs": args.docs, "cpu_count": os.cpu_count()}
-    for name, params in [("affine32", {}), ("one_permutation", {"scheme": "one_permutation"})]:
-        res[f"gristmill_{name}"] = run_gristmill(table, params)
-        print(name, json.dumps(res[f"gristmill_{name}"]), flush=True)
+    schemes = {"affine32": {}, "one_permutation": {"scheme": "one_permutation"},
+               "legacy": {"scheme": "legacy"}}
+    for name, params in schemes.items():
+        for kernel in ("numpy", "native"):
+            key = f"gristmill_{name}" + ("_numpy" if kernel == "numpy" else "")
+            res[key] = run_gristmill(table, {**params, "kernel": kernel})
+            print(name, kernel, json.dumps(res[key]), flush=True)
+        res[f"native_over_numpy_cpu_{name}"] = (res[f"gristmill_{name}"]["docs_per_cpu_s"]
+                                                / res[f"gristmill_{name}_numpy"]["docs_per_cpu_s"])
+        res[f"same_dropped_{name}"] = (res[f"gristmill_{name}"]["dropped"]
+                                       == res[f"gristmill_{name}_numpy"]["dropped"])
     sample = table.slice(0, min(args.datasketch_docs, table.num_rows))
     res["gristmill_sha1_sample"] = run_gristmill(sample, {"hash": "sha1"})
     print("sha1", json.dumps(res["gristmill_sha1_sample"]), flush=True)
@@ -173,7 +186,7 @@ def main() -> None:
     res["datasketch_update_batch"] = run_datasketch(sample, 0.8, 128, batch_update=True)
     print("datasketch update_batch", json.dumps(res["datasketch_update_batch"]), flush=True)
     base = res["datasketch_update"]["docs_per_s"]
-    for name in ("affine32", "one_permutation"):
+    for name in ("affine32", "one_permutation", "affine32_numpy", "one_permutation_numpy"):
         res[f"speedup_{name}"] = res[f"gristmill_{name}"]["docs_per_s"] / base
         res[f"speedup_cpu_{name}"] = (res[f"gristmill_{name}"]["docs_per_cpu_s"]
                                       / res["datasketch_update"]["docs_per_cpu_s"])

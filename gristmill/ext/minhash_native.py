@@ -3,10 +3,12 @@
 Built like the token log-likelihood op (:mod:`gristmill.ext.build`): compiled by
 ``torch.utils.cpp_extension.load`` with ninja into the same cache folder
 (``$GRISTMILL_EXT_CACHE``, default ``~/.cache/gristmill/ext``), one subfolder per
-torch version, so later processes only load the library. Only ``-O3``: the
-signature loops carry an AVX2 copy chosen at run time, so the library runs on any
-x86-64. A failed build warns once and :mod:`gristmill.selectors.minhash` keeps its
-numpy path; the two give bit-identical results.
+torch version, so later processes only load the library. Only ``-O3``, no
+``-march``: the signature loops are compiled three times (baseline x86-64, SSE4.1,
+AVX2) and the widest copy the CPU has runs (``pick_isa()`` says which), so one
+library serves any x86-64. A failed build warns once and
+:mod:`gristmill.selectors.minhash` keeps its numpy path; the two give
+bit-identical results.
 
 The functions take and return numpy arrays; see ``csrc/minhash.cpp`` for what
 each computes and :func:`gristmill.selectors.minhash.signatures` for the maths.
