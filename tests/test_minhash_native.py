@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 from pydantic import ValidationError
 
 from gristmill.ext import minhash_native
 from gristmill.selectors.minhash import (
     MinHashDedup,
+    _unicode_spaces,
     band_keys,
     native_kernel,
     permutations,
@@ -43,23 +45,39 @@ def _pairs(h: np.ndarray, d: np.ndarray) -> list[tuple[int, int]]:
     return sorted(zip(d.tolist(), h.tolist(), strict=True))
 
 
-def test_native_word_shingles_equal_numpy_in_the_same_order_for_ascii_texts():
-    texts = pa.array([t for t in _random_texts(0) if t is None or t.isascii()])
-    for ngram in (1, 3, 5):
-        for normalize in (True, False):
+@pytest.mark.parametrize("normalize", [True, False])
+def test_native_word_shingles_equal_numpy_in_the_same_order(normalize):
+    for seed, text_type in ((0, pa.string()), (1, pa.large_string())):
+        texts = pa.array(_random_texts(seed), text_type).slice(2)
+        for ngram in (1, 3, 5):
             hn, dn = shingle_hashes(texts, "word", ngram, normalize, kernel="numpy")
             hc, dc = shingle_hashes(texts, "word", ngram, normalize, kernel="native")
             assert hc.dtype == np.uint32 and dc.dtype == np.int64
-            assert np.array_equal(hn, hc) and np.array_equal(dn, dc), (ngram, normalize)
+            assert len(hn) > 0
+            assert np.array_equal(hn, hc) and np.array_equal(dn, dc), (seed, ngram)
 
 
-@pytest.mark.parametrize("normalize", [True, False])
-def test_native_shingles_hand_non_ascii_texts_to_numpy_and_give_the_same_pairs(normalize):
-    texts = pa.array(_random_texts(1), pa.large_string()).slice(3)
-    hn, dn = shingle_hashes(texts, "word", 5, normalize, kernel="numpy")
-    hc, dc = shingle_hashes(texts, "word", 5, normalize, kernel="native")
-    assert len(hc) == len(hn) > 0
-    assert _pairs(hn, dn) == _pairs(hc, dc)
+def test_native_shingles_split_and_normalize_non_ascii_words_as_pyarrow_does():
+    spaces = [chr(c) for c in _unicode_spaces()]
+    assert len(spaces) >= 17 and "\u00a0" in spaces and "\u3000" in spaces
+    rng = np.random.RandomState(2)
+    words = ["Café", "naïve", "東京", "ÉCOLE", "«quoted»", "—", "x’s", "ǅemal", "ok", "w1", "ß"]
+    texts = ["".join(words[i] + spaces[j] for i, j in zip(rng.randint(0, len(words), 25),
+                                                            rng.randint(0, len(spaces), 25),
+                                                            strict=True)) for _ in range(30)]
+    texts += ["— « »", "\u00a0\u2003", "only—one"]
+    for normalize in (True, False):
+        for ngram in (1, 2, 5):
+            hn, dn = shingle_hashes(pa.array(texts), "word", ngram, normalize, kernel="numpy")
+            hc, dc = shingle_hashes(pa.array(texts), "word", ngram, normalize, kernel="native")
+            assert np.array_equal(hn, hc) and np.array_equal(dn, dc), (normalize, ngram)
+
+
+def test_pyarrow_splits_words_at_no_other_non_ascii_code_point():
+    cps = np.setdiff1d(np.r_[128:0xD800, 0xE000:0x110000], _unicode_spaces())
+    probe = pa.array([f"a{chr(c)}b" for c in cps])
+    lengths = pc.list_value_length(pc.utf8_split_whitespace(probe)).to_numpy()
+    assert (lengths == 1).all(), [hex(c) for c in cps[lengths != 1]]
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)

@@ -28,11 +28,11 @@ Hashing", NeurIPS 2012) with optimal densification of empty bins
 (Shrivastava, ICML 2017): the fastest, not datasketch-compatible.
 
 ``kernel`` picks who computes: ``"native"`` is the C++ kernel of
-:mod:`gristmill.ext.minhash_native` (word shingles of ASCII texts, every scheme's
-signatures, band keys), ``"numpy"`` the code below, ``"auto"`` the C++ kernel when
-it builds, else numpy. Both give bit-identical results; texts with non-ASCII bytes
-are shingled by numpy either way, because their whitespace, case and punctuation
-follow pyarrow's Unicode rules.
+:mod:`gristmill.ext.minhash_native` (word shingles with ``hash: fast``, every
+scheme's signatures, band keys), ``"numpy"`` the code below, ``"auto"`` the C++
+kernel when it builds, else numpy. Both give bit-identical results: words with
+non-ASCII bytes are still normalized by pyarrow (Unicode case and punctuation)
+and hashed by numpy, between the kernel's two passes.
 """
 
 from __future__ import annotations
@@ -243,19 +243,34 @@ def _ascii_word_table(normalize: bool) -> np.ndarray:
     return table
 
 
+@functools.lru_cache(maxsize=1)
+def _unicode_spaces() -> np.ndarray:
+    """The non-ASCII code points pyarrow's ``utf8_split_whitespace`` splits at, sorted:
+    of those Python calls whitespace, the ones pyarrow agrees on (a test checks
+    that pyarrow splits at no other code point)."""
+    cands = [c for c in range(128, 0x110000) if chr(c).isspace()]
+    words = pc.utf8_split_whitespace(pa.array([f"a{chr(c)}b" for c in cands]))
+    splits = pc.list_value_length(words).to_numpy(zero_copy_only=False) != 1
+    return np.array(cands, dtype=np.uint32)[splits]
+
+
 def _native_word_shingles(native: ModuleType, texts: pa.Array, ngram: int,
                           normalize: bool) -> tuple[np.ndarray, np.ndarray]:
-    """shingle_hashes(word, fast) by the C++ kernel; texts that are not ASCII by numpy."""
+    """shingle_hashes(word, fast) by the C++ kernel; the words with non-ASCII
+    bytes are normalized by pyarrow and hashed by numpy in between."""
     if texts.null_count:
         texts = pc.fill_null(texts, "")
     offsets, data = _string_parts(texts)
-    h, d, skipped = native.word_shingles(offsets, data, _ascii_word_table(normalize), _MULT,
-                                         ngram)
-    if skipped.size:
-        h2, d2 = shingle_hashes(texts.take(pa.array(skipped)), "word", ngram, normalize, "fast",
-                                kernel="numpy")
-        h, d = np.concatenate([h, h2]), np.concatenate([d, skipped[d2]])
-    return h, d
+    tok, foreign, counts, f_offsets, f_bytes = native.word_tokens(
+        offsets, data, _ascii_word_table(normalize), _MULT, _unicode_spaces())
+    words = pa.LargeStringArray.from_buffers(len(f_offsets) - 1, pa.py_buffer(f_offsets),
+                                             pa.py_buffer(f_bytes))
+    codes = pc.dictionary_encode(words)
+    vocab = _normalize(codes.dictionary, normalize)
+    idx = codes.indices.to_numpy(zero_copy_only=False)
+    keep = pc.utf8_length(vocab).to_numpy(zero_copy_only=False)[idx] > 0
+    return native.word_ngrams(tok, foreign, counts, _hash_tokens(vocab)[idx], keep, _MULT,
+                              ngram)
 
 
 def shingle_hashes(texts: pa.Array, shingle: str = "word", ngram: int = 5,
@@ -269,8 +284,8 @@ def shingle_hashes(texts: pa.Array, shingle: str = "word", ngram: int = 5,
     ``hash="fast"`` hashes with numpy over the whole batch (the upper 32 bits
     of a 64-bit hash); ``hash="sha1"`` is datasketch's ``sha1_hash32`` of the
     UTF-8 shingle (words joined by one space), one Python call per shingle.
-    Records without shingles (empty text) get none. ``kernel`` (module doc)
-    only changes the order of the pairs, never the pairs.
+    Records without shingles (empty text) get none. ``kernel``: who computes
+    (module doc); the result is the same.
     """
     if isinstance(texts, pa.ChunkedArray):
         texts = texts.combine_chunks()

@@ -269,87 +269,181 @@ py::array_t<uint32_t> one_permutation_signatures(const U32& h, const I64& docs, 
   return out;
 }
 
-// Word n-gram shingles of ASCII texts, as shingle_hashes(hash="fast") computes them.
-// `table` maps each ASCII byte to -1 (whitespace: ends a word), -2 (removed by the
-// normalization) or the byte it becomes (lower case); the caller derives it from
-// pyarrow's own utf8_split_whitespace / utf8_lower / punctuation regex. A word's
-// hash is fmix64(sum_i (c_i + 1) * M[i mod 64] + (i >> 6) * M[64] ^ len * M[65])
-// over its normalized bytes c_i (empty words are dropped); an n-gram's is
-// fmix64(sum_t tok_t * M[66 + t mod 60]) and the shingle is its upper 32 bits.
-// Texts with a byte >= 128 are skipped and listed: their Unicode rules stay with
-// pyarrow. Order of the output: records with >= n words, then the shorter ones.
-py::tuple word_shingles(const I64& offsets, const U8& data, const I16& table, const U64& mult,
-                        int64_t ngram) {
+// Word n-gram shingles, as shingle_hashes(hash="fast") computes them, in two calls.
+//
+// word_tokens splits every text into words where pyarrow's utf8_split_whitespace
+// does: at the ASCII bytes `table` marks -1 and at the non-ASCII code points in
+// `spaces` (both asked of pyarrow by the caller). A word of ASCII bytes is
+// normalized by `table` (-2: removed, else the byte it becomes, i.e. lower case)
+// and hashed here: fmix64(sum_i (c_i + 1) * M[i mod 64] + (i >> 6) * M[64]
+// ^ len * M[65]) over its normalized bytes c_i, and dropped if none are left. A
+// word with any non-ASCII byte follows Unicode's case and punctuation rules: its
+// bytes are handed back ("foreign" words) for pyarrow to normalize and numpy to
+// hash, and its token holds its foreign index until word_ngrams.
+py::tuple word_tokens(const I64& offsets, const U8& data, const I16& table, const U64& mult,
+                      const U32& spaces) {
   const int64_t n_docs = offsets.size() - 1;
-  if (table.size() != 128 || mult.size() != 128 || ngram < 1 || ngram > 60) {
-    throw std::invalid_argument("table needs 128 entries, mult 128, ngram 1..60");
+  if (table.size() != 128 || mult.size() != 128) {
+    throw std::invalid_argument("table and mult need 128 entries");
   }
-  std::vector<uint32_t> hs, short_hs;
-  std::vector<int64_t> ds, short_ds, skipped;
   const int64_t* off = offsets.data();
   if (n_docs < 0 || off[0] < 0 || off[n_docs] > data.size()) {
     throw std::out_of_range("offsets beyond the data");
   }
+  std::vector<uint64_t> tok;
+  std::vector<uint8_t> foreign, foreign_bytes;
+  std::vector<int64_t> counts(n_docs), foreign_offsets{0};
   {
     py::gil_scoped_release nogil;
     const uint8_t* bytes = data.data();
     const int16_t* map = table.data();
     const uint64_t* m = mult.data();
-    hs.reserve(static_cast<size_t>(off[n_docs] / 6 + 16));
-    ds.reserve(hs.capacity());
-    std::vector<uint64_t> tok;
+    const uint32_t* sp = spaces.data();
+    const int64_t n_spaces = spaces.size();
+    tok.reserve(static_cast<size_t>(off[n_docs] / 4 + 16));
+    foreign.reserve(tok.capacity());
+    // the rare case out of the byte loop: a non-ASCII word's bytes go back to Python
+    const auto end_foreign_word = [&](int64_t word_start,
+                                      int64_t word_end) __attribute__((noinline)) {
+      foreign_bytes.insert(foreign_bytes.end(), bytes + word_start, bytes + word_end);
+      tok.push_back(static_cast<uint64_t>(foreign_offsets.size() - 1));
+      foreign_offsets.push_back(static_cast<int64_t>(foreign_bytes.size()));
+      foreign.push_back(1);
+    };
+#define GRISTMILL_END_WORD(word_end)                                \
+  if (is_foreign) {                                                 \
+    end_foreign_word(word_start, word_end);                         \
+  } else if (len > 0) {                                             \
+    tok.push_back(fmix64(acc ^ (static_cast<uint64_t>(len) * m65))); \
+    foreign.push_back(0);                                           \
+  }                                                                 \
+  acc = 0;                                                          \
+  len = 0;                                                          \
+  is_foreign = false
+    const uint64_t m64 = m[64], m65 = m[65];
     for (int64_t r = 0; r < n_docs; ++r) {
-      tok.clear();
-      bool ascii = true;
+      const int64_t before = static_cast<int64_t>(tok.size());
       uint64_t acc = 0;
-      int64_t len = 0;
-      for (int64_t p = off[r]; p < off[r + 1]; ++p) {
+      int64_t len = 0, word_start = off[r];
+      bool is_foreign = false;
+      for (int64_t p = off[r]; p < off[r + 1];) {
         const uint8_t c = bytes[p];
-        if (c >= 128) {
-          ascii = false;
-          break;
+        if (c < 128) {
+          const int16_t v = map[c];
+          if (v >= 0) {
+            acc += (static_cast<uint64_t>(v) + 1) * m[len & 63] +
+                   static_cast<uint64_t>(len >> 6) * m64;
+            ++len;
+          } else if (v == -1) {
+            GRISTMILL_END_WORD(p);
+            word_start = p + 1;
+          }
+          ++p;
+          continue;
         }
-        const int16_t v = map[c];
-        if (v >= 0) {
-          acc += (static_cast<uint64_t>(v) + 1) * m[len & 63] +
-                 static_cast<uint64_t>(len >> 6) * m[64];
-          ++len;
-        } else if (v == -1 && len > 0) {
-          tok.push_back(fmix64(acc ^ (static_cast<uint64_t>(len) * m[65])));
-          acc = 0;
-          len = 0;
+        // one UTF-8 sequence: a space ends the word, anything else makes it foreign
+        const int64_t n = c >= 0xF0 ? 4 : c >= 0xE0 ? 3 : c >= 0xC0 ? 2 : 1;
+        // a stray continuation byte (invalid UTF-8) is no code point, so no space
+        uint32_t cp = n == 4 ? c & 0x07u : n == 3 ? c & 0x0Fu : n == 2 ? c & 0x1Fu : 0x7FFFFFFFu;
+        for (int64_t q = 1; q < n && p + q < off[r + 1]; ++q) {
+          cp = (cp << 6) | (bytes[p + q] & 0x3Fu);
+        }
+        const int64_t next = std::min(p + n, off[r + 1]);
+        if (std::binary_search(sp, sp + n_spaces, cp)) {
+          GRISTMILL_END_WORD(p);
+          word_start = next;
+        } else {
+          is_foreign = true;
+        }
+        p = next;
+      }
+      GRISTMILL_END_WORD(off[r + 1]);
+      counts[r] = static_cast<int64_t>(tok.size()) - before;
+    }
+#undef GRISTMILL_END_WORD
+  }
+  py::array_t<uint64_t> tok_out(static_cast<py::ssize_t>(tok.size()));
+  py::array_t<bool> foreign_out(static_cast<py::ssize_t>(foreign.size()));
+  py::array_t<int64_t> counts_out(n_docs);
+  py::array_t<int64_t> offsets_out(static_cast<py::ssize_t>(foreign_offsets.size()));
+  py::array_t<uint8_t> bytes_out(static_cast<py::ssize_t>(foreign_bytes.size()));
+  std::memcpy(tok_out.mutable_data(), tok.data(), tok.size() * sizeof(uint64_t));
+  std::memcpy(foreign_out.mutable_data(), foreign.data(), foreign.size());
+  std::memcpy(counts_out.mutable_data(), counts.data(), counts.size() * sizeof(int64_t));
+  std::memcpy(offsets_out.mutable_data(), foreign_offsets.data(),
+              foreign_offsets.size() * sizeof(int64_t));
+  std::memcpy(bytes_out.mutable_data(), foreign_bytes.data(), foreign_bytes.size());
+  return py::make_tuple(tok_out, foreign_out, counts_out, offsets_out, bytes_out);
+}
+
+// word_ngrams puts the foreign words' hashes in place (dropping those that
+// normalized to nothing, `foreign_keep` 0) and hashes the n-grams of each record's
+// words: fmix64(sum_t tok_t * M[66 + t mod 60]), a record with fewer than n words
+// giving one shingle of all of them; the shingle is the upper 32 bits. Order:
+// records with >= n words, then the shorter ones, as the numpy code has it.
+py::tuple word_ngrams(const U64& tokens, const py::array_t<bool>& foreign, const I64& counts,
+                      const U64& foreign_hash, const py::array_t<bool>& foreign_keep,
+                      const U64& mult, int64_t ngram) {
+  const int64_t n_tok = tokens.size(), n_docs = counts.size(), n_foreign = foreign_hash.size();
+  if (foreign.size() != n_tok || foreign_keep.size() != n_foreign || mult.size() != 128 ||
+      ngram < 1 || ngram > 60) {
+    throw std::invalid_argument("length mismatch, or ngram outside 1..60");
+  }
+  int64_t total = 0;
+  for (int64_t r = 0; r < n_docs; ++r) total += counts.data()[r];
+  if (total != n_tok) throw std::invalid_argument("counts do not add up to the tokens");
+  for (int64_t i = 0; i < n_tok; ++i) {
+    if (foreign.data()[i] && tokens.data()[i] >= static_cast<uint64_t>(n_foreign)) {
+      throw std::out_of_range("foreign word index out of range");
+    }
+  }
+  // a record has at most as many shingles as words: write in place, cut at the end
+  std::vector<uint32_t> hs(n_tok), short_hs;
+  std::vector<int64_t> ds(n_tok), short_ds;
+  int64_t w = 0;
+  {
+    py::gil_scoped_release nogil;
+    const uint64_t* t_in = tokens.data();
+    const bool* is_foreign = foreign.data();
+    const uint64_t* fh = foreign_hash.data();
+    const bool* keep = foreign_keep.data();
+    const uint64_t* m = mult.data();
+    uint64_t slot[60];  // the multiplier of each n-gram position
+    for (int64_t t = 0; t < ngram; ++t) slot[t] = m[66 + t % 60];
+    std::vector<uint64_t> tok;
+    for (int64_t r = 0, i0 = 0; r < n_docs; i0 += counts.data()[r], ++r) {
+      tok.clear();
+      for (int64_t i = i0; i < i0 + counts.data()[r]; ++i) {
+        if (!is_foreign[i]) {
+          tok.push_back(t_in[i]);
+        } else if (keep[t_in[i]]) {
+          tok.push_back(fh[t_in[i]]);
         }
       }
-      if (!ascii) {
-        skipped.push_back(r);
-        continue;
-      }
-      if (len > 0) tok.push_back(fmix64(acc ^ (static_cast<uint64_t>(len) * m[65])));
       const int64_t count = static_cast<int64_t>(tok.size());
       if (count >= ngram) {
         for (int64_t i = 0; i + ngram <= count; ++i) {
           uint64_t s = 0;
-          for (int64_t t = 0; t < ngram; ++t) s += tok[i + t] * m[66 + t % 60];
-          hs.push_back(static_cast<uint32_t>(fmix64(s) >> 32));
-          ds.push_back(r);
+          for (int64_t t = 0; t < ngram; ++t) s += tok[i + t] * slot[t];
+          hs[w] = static_cast<uint32_t>(fmix64(s) >> 32);
+          ds[w++] = r;
         }
       } else if (count > 0) {
         uint64_t s = 0;
-        for (int64_t t = 0; t < count; ++t) s += tok[t] * m[66 + t % 60];
+        for (int64_t t = 0; t < count; ++t) s += tok[t] * slot[t];
         short_hs.push_back(static_cast<uint32_t>(fmix64(s) >> 32));
         short_ds.push_back(r);
       }
     }
-    hs.insert(hs.end(), short_hs.begin(), short_hs.end());
-    ds.insert(ds.end(), short_ds.begin(), short_ds.end());
+    std::copy(short_hs.begin(), short_hs.end(), hs.begin() + w);
+    std::copy(short_ds.begin(), short_ds.end(), ds.begin() + w);
+    w += static_cast<int64_t>(short_hs.size());
   }
-  py::array_t<uint32_t> h_out(static_cast<py::ssize_t>(hs.size()));
-  py::array_t<int64_t> d_out(static_cast<py::ssize_t>(ds.size()));
-  py::array_t<int64_t> s_out(static_cast<py::ssize_t>(skipped.size()));
-  std::memcpy(h_out.mutable_data(), hs.data(), hs.size() * sizeof(uint32_t));
-  std::memcpy(d_out.mutable_data(), ds.data(), ds.size() * sizeof(int64_t));
-  std::memcpy(s_out.mutable_data(), skipped.data(), skipped.size() * sizeof(int64_t));
-  return py::make_tuple(h_out, d_out, s_out);
+  py::array_t<uint32_t> h_out(w);
+  py::array_t<int64_t> d_out(w);
+  std::memcpy(h_out.mutable_data(), hs.data(), w * sizeof(uint32_t));
+  std::memcpy(d_out.mutable_data(), ds.data(), w * sizeof(int64_t));
+  return py::make_tuple(h_out, d_out);
 }
 
 // key = fmix64(sum_r (sig_r + 1) * row_mult_r + band * band_mult), one per (record, band).
@@ -388,7 +482,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("isa") = "auto");
   m.def("one_permutation_signatures", &one_permutation_signatures,
         "one permutation hashing with optimal densification");
-  m.def("word_shingles", &word_shingles, "word n-gram shingle hashes of ASCII texts");
+  m.def("word_tokens", &word_tokens, "words of texts: hashes, and the non-ASCII words");
+  m.def("word_ngrams", &word_ngrams, "word n-gram shingle hashes from word_tokens");
   m.def("band_keys", &band_keys, "LSH band keys");
   m.def("pick_isa", &pick_isa, "which copy of the signature loops runs for `want`",
         py::arg("want") = "auto");
