@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -156,3 +160,25 @@ def test_every_compiled_copy_of_the_signature_loop_equals_numpy(scheme, isa):
 def test_asking_for_an_unknown_instruction_set_is_an_error():
     with pytest.raises(ValueError, match="isa must be auto, avx2, sse4.1 or base"):
         minhash_native.module().pick_isa("neon")
+
+
+def test_without_a_compiler_auto_warns_and_falls_back_to_numpy_and_native_raises(tmp_path):
+    script = """
+import warnings
+import pyarrow as pa
+import pytest
+from gristmill.selectors.minhash import MinHashDedup
+batch = pa.table({"id": ["a", "b"], "text": ["one two three four five six", "one two"]})
+with pytest.warns(RuntimeWarning, match=r"C\\+\\+ MinHash kernel failed"):
+    stage = MinHashDedup({})
+    assert stage.backend == "numpy"
+assert stage.keys(batch).num_rows == 2 * stage.bands
+with pytest.raises(RuntimeError, match="required"):
+    MinHashDedup({"kernel": "native"}).backend
+print("fell back")
+"""
+    env = {**os.environ, "CXX": "/bin/false", "GRISTMILL_EXT_CACHE": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "fell back"

@@ -59,8 +59,8 @@ def module(required: bool = False) -> ModuleType | None:
             _state["module"] = None
             _state["error"] = f"{type(exc).__name__}: {exc}"
             warnings.warn(
-                "gristmill.ext: building the C++ MinHash kernel failed, using the numpy "
-                "signatures instead (set `kernel: numpy` on minhash_dedup to silence). "
+                "gristmill.ext: building the C++ MinHash kernel failed, using the numpy code "
+                "instead (set `kernel: numpy` on minhash_dedup to silence). "
                 f"Cause: {_state['error'][:2000]}",
                 RuntimeWarning,
                 stacklevel=3,
