@@ -45,6 +45,7 @@ import pyarrow as pa
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from gristmill.pipeline.examples import grape_instruction
 from gristmill.pipeline.hashing import uniform
 from gristmill.scorers.likelihood import score_responses
 from gristmill.selectors.grape import Grape
@@ -93,22 +94,6 @@ def pretraining_texts(rng: random.Random, n: int) -> list[str]:
     return out
 
 
-def instruction(rng: random.Random) -> tuple[str, str]:
-    """A checkable task and its answer."""
-    kind = rng.randrange(5)
-    w = word(rng)
-    if kind == 0:
-        return f"Q: Repeat {w}.", w
-    if kind == 1:
-        return f"Q: Repeat {w} twice.", f"{w} {w}"
-    if kind == 2:
-        return f"Q: First letter of {w}?", w[0]
-    if kind == 3:
-        return f"Q: Last letter of {w}?", w[-1]
-    a = rng.randrange(9)
-    return f"Q: What is {a} plus 1?", str(a + 1)
-
-
 def extract_answer(text: str) -> str:
     """The answer inside a response of any style (the whole text when none matches)."""
     text = text.strip()
@@ -122,7 +107,7 @@ def extract_answer(text: str) -> str:
 def make_tasks(rng: random.Random, n: int) -> list[dict]:
     seen, tasks = set(), []
     while len(tasks) < n:
-        prompt, answer = instruction(rng)
+        prompt, answer = grape_instruction(rng)
         if prompt in seen:
             continue
         seen.add(prompt)
