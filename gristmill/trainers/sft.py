@@ -317,8 +317,14 @@ def train_examples(
             curves.eval_step.append(step + 1)
             curves.eval_loss.append(evaluate_loss(model, eval_set, pad_id=pad_id, bf16=cfg.bf16))
     curves.seconds = time.perf_counter() - t_start
-    if owns_group:
-        torch.distributed.destroy_process_group()
+    if world > 1:
+        # Free the DDP wrapper (its reducer holds the process group) and wait for
+        # every rank before tearing the group down: destroying the group first and
+        # letting the wrapper be collected later could hang rank 0 on exit.
+        del net
+        dist.barrier()
+        if owns_group:
+            dist.destroy_process_group()
     model.eval()
     return curves
 
