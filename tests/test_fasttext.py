@@ -130,3 +130,18 @@ def test_read_labelled_reads_a_folder_of_shards(tmp_path):
     texts, labels, ids = read_labelled(tmp_path)
     assert texts.to_pylist() == ["x", "y", "x", "y"]
     assert labels.tolist() == [1, 0, 1, 0] and ids == ["0a", "0b", "1a", "1b"]
+
+
+def test_training_that_diverges_retries_with_a_smaller_learning_rate(tmp_path):
+    import random
+
+    from gristmill.trainers.fasttext import train_fasttext
+
+    rng = random.Random(0)
+    texts = [" ".join(rng.choice("aa bb cc dd ee ff".split()) for _ in range(30))
+             for _ in range(200)]
+    with pytest.warns(UserWarning, match="fastText diverged at lr=10.0; retrying with lr=5.0"):
+        res = train_fasttext(texts, [i % 2 for i in range(200)], tmp_path / "m.bin",
+                             lr=10.0, epoch=50)
+    assert res.hyperparameters["lr"] == 10.0 and res.hyperparameters["lr_used"] < 10.0
+    assert (tmp_path / "m.bin").exists()

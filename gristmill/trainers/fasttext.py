@@ -28,6 +28,7 @@ import json
 import os
 import tempfile
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,6 +42,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gristmill.pipeline.hashing import uniform
 from gristmill.scorers.fasttext import LABEL_PREFIX, flatten_newlines, predict_proba
+
+# halvings of the learning rate tried when fastText diverges (NaN)
+NAN_RETRIES = 3
 
 
 class FastTextTrainConfig(BaseModel):
@@ -150,10 +154,23 @@ def train_fasttext(texts: Sequence[str] | pa.Array | pa.ChunkedArray, labels: Se
             for line in lines.to_pylist():
                 f.write(line)
                 f.write("\n")
-        model = fasttext.train_supervised(
-            input=str(train_file), epoch=cfg.epoch, lr=cfg.lr, wordNgrams=cfg.word_ngrams,
-            dim=cfg.dim, minCount=cfg.min_count, bucket=cfg.bucket, loss=cfg.loss, thread=cfg.threads,
-            seed=cfg.seed, verbose=0)
+        lr = cfg.lr
+        for attempt in range(NAN_RETRIES + 1):
+            try:
+                model = fasttext.train_supervised(
+                    input=str(train_file), epoch=cfg.epoch, lr=lr, wordNgrams=cfg.word_ngrams,
+                    dim=cfg.dim, minCount=cfg.min_count, bucket=cfg.bucket, loss=cfg.loss,
+                    thread=cfg.threads, seed=cfg.seed, verbose=0)
+                break
+            except RuntimeError as e:
+                # fastText aborts with "Encountered NaN" when a tiny or very
+                # repetitive training set makes the updates diverge; the usual
+                # remedy is a smaller learning rate
+                if "NaN" not in str(e) or attempt == NAN_RETRIES:
+                    raise
+                warnings.warn(f"fastText diverged at lr={lr}; retrying with lr={lr / 2}",
+                              stacklevel=2)
+                lr /= 2
         tmp_model = Path(tmp) / "model.bin"
         model.save_model(str(tmp_model))
         os.replace(tmp_model, model_path)
@@ -167,7 +184,7 @@ def train_fasttext(texts: Sequence[str] | pa.Array | pa.ChunkedArray, labels: Se
     result = FastTextTrainResult(
         model_path=str(model_path), sidecar_path=str(side),
         labels={"positive": pos, "negative": neg},
-        hyperparameters=cfg.model_dump(), counts=counts, auc=auc, seconds=time.time() - t0)
+        hyperparameters={**cfg.model_dump(), "lr_used": lr}, counts=counts, auc=auc, seconds=time.time() - t0)
     tmp_side = side.with_suffix(".json.tmp")
     tmp_side.write_text(json.dumps(asdict(result), indent=2))
     os.replace(tmp_side, side)
