@@ -25,6 +25,7 @@ demo: $(STAMP)
 	$(BIN)/gristmill demo
 
 test: $(STAMP)
+	$(BIN)/python -c "from gristmill.ext import backend, minhash_native; print('ext backend:', backend('cpu')); minhash_native.module()"
 	$(BIN)/python -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 lint: $(STAMP)
