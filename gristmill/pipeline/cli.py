@@ -18,6 +18,7 @@ COMMAND_MODULES: list[str] = [
     "gristmill.trainers.preselect_cli",
     "gristmill.trainers.lm_cli",
     "gristmill.pipeline.examples",
+    "gristmill.pipeline.real_corpus_cli",
 ]
 
 
