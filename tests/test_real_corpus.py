@@ -84,4 +84,8 @@ def test_cli_builds_package_descriptions(tmp_path, capsys):
     for p in pk:
         by_source.setdefault(p["source_package"], set()).add(p["split"])
     assert all(len(s) == 1 for s in by_source.values())
+    # the corpus documents of the descriptions are in the same splits
+    corpus = pq.read_table(tmp_path / "p" / "corpus.parquet").to_pylist()
+    split = {r["id"]: r["split"] for r in corpus}
+    assert all(split[f"pkgdesc/{p['package']}"] == p["split"] for p in pk)
     assert "corpus:" in capsys.readouterr().out

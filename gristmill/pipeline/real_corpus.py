@@ -433,7 +433,8 @@ def build_real_corpus(out: str | Path, sources: Sequence[str] | None = None, *,
             pkgs = package_descriptions()
             if max_packages is not None and len(pkgs) > max_packages:
                 pkgs = pkgs[:: -(-len(pkgs) // max_packages)]
-            pkg_split = split_of([p["source_package"] for p in pkgs], dev, test, seed)
+            pkg_split = split_of([_split_key(name, f"pkgdesc/{p['source_package']}") for p in pkgs],
+                                 dev, test, seed)
             table = pa.Table.from_pylist([{**p, "split": s} for p, s in zip(pkgs, pkg_split,
                                                                              strict=True)])
             _write_parquet(table, paths["packages"])
@@ -459,11 +460,15 @@ def build_real_corpus(out: str | Path, sources: Sequence[str] | None = None, *,
             print(f"{name}: {counts[name]} documents, {chars / 1e6:.1f}M chars, "
                   f"{time.time() - t0:.0f}s", flush=True)
     # the doc key includes the source so translations of one page split independently
-    keys = [f"{s}|{d}" for s, d in zip(rows["source"], rows["doc"], strict=True)]
+    keys = [_split_key(s, d) for s, d in zip(rows["source"], rows["doc"], strict=True)]
     rows["split"] = split_of(keys, dev, test, seed)
     _write_parquet(pa.Table.from_pydict(rows), paths["corpus"])
     manifest.write_text(json.dumps({"params": params, "documents": counts}, indent=1))
     return paths
+
+
+def _split_key(source: str, doc: str) -> str:
+    return f"{source}|{doc}"
 
 
 def _write_parquet(table: pa.Table, path: Path) -> None:
