@@ -7,6 +7,7 @@ import os
 import random
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 import yaml
 
@@ -73,3 +74,25 @@ def recipe_factory(tmp_path: Path, corpus: Path):
         return write_recipe(tmp_path / name, **body)
 
     return make
+
+
+def keyed(*batches: pa.Table) -> list[pa.Table]:
+    """Give hand-built batches the pipeline's row key (as a reader would), numbered in
+    the order of their ids, so "smallest id" and "smallest row key" agree in a test."""
+    from gristmill.pipeline.stage import ROW_KEY
+
+    ids = sorted({i for b in batches for i in b.column("id").to_pylist()})
+    rank = {i: n for n, i in enumerate(ids)}
+    return [b.append_column(ROW_KEY, pa.array([rank[i] for i in b.column("id").to_pylist()],
+                                              pa.uint64())) for b in batches]
+
+
+def state_by_id(state: pa.Table, batches: list[pa.Table]) -> pa.Table:
+    """A dedup state (row keys) with the keys replaced by the records' ids."""
+    from gristmill.pipeline.stage import ROW_KEY
+
+    id_of = {k: i for b in batches for k, i in zip(b.column(ROW_KEY).to_pylist(),
+                                                    b.column("id").to_pylist(), strict=True)}
+    return pa.table({"id": [id_of[k] for k in state.column(ROW_KEY).to_pylist()],
+                     "cluster": state.column("cluster"),
+                     "survivor": [id_of[k] for k in state.column("survivor").to_pylist()]})

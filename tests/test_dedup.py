@@ -9,15 +9,19 @@ from pydantic import ValidationError
 
 from gristmill.pipeline.execution import partition_keys
 from gristmill.pipeline.runner import run_recipe
+from gristmill.pipeline.stage import ROW_KEY, format_key
 from gristmill.selectors.dedup import ExactDedup
+from conftest import keyed, state_by_id
 
 
 def _run_stage(stage, batches: list[pa.Table], partitions: int = 3):
-    """What an engine does: key every batch, group by key % P, reduce, resolve."""
+    """What an engine does: key every batch, group by key % P, reduce, resolve.
+    Row keys are numbered in id order; the returned state is mapped back to ids."""
+    batches = keyed(*batches)
     keys = pa.concat_tables([stage.keys(b) for b in batches])
     reduced = [stage.reduce(p) for p in partition_keys(keys, partitions)]
     state = stage.resolve(pa.concat_tables(reduced))
-    return [stage.apply(b, state) for b in batches], state
+    return [stage.apply(b, state) for b in batches], state_by_id(state, batches)
 
 
 def test_exact_dedup_keeps_longest_then_smallest_id_and_records_survivor():
@@ -31,7 +35,8 @@ def test_exact_dedup_keeps_longest_then_smallest_id_and_records_survivor():
     assert sorted(dropped["id"]) == ["a", "d", "e"]
     assert set(dropped["reason"]) == {"exact_duplicate"}
     clusters = {d.split()[0] for d in dropped["detail"]}
-    assert len(clusters) == 1 and all(d.endswith("survivor=b") for d in dropped["detail"])
+    # the survivor is named by its row key, <file index>:<line>; b is key 1 of file 0
+    assert len(clusters) == 1 and all(d.endswith("survivor=0:1") for d in dropped["detail"])
     assert state.column("id").to_pylist() == ["a", "d", "e"]
 
 
@@ -79,7 +84,7 @@ def test_clusters_join_transitively_through_shared_keys():
 def test_resolve_of_nothing_keeps_everything():
     st = ExactDedup()
     state = st.resolve(None)
-    batch = pa.table({"id": ["a"], "text": ["t"]})
+    (batch,) = keyed(pa.table({"id": ["a"], "text": ["t"]}))
     assert st.apply(batch, state).kept.num_rows == 1
 
 
@@ -102,4 +107,4 @@ def test_exact_dedup_in_a_local_run_drops_the_planted_duplicates(recipe_factory,
     # every planted text survives exactly once
     dropped = pa.concat_tables([pq.read_table(tmp_path / "out" / f) for f in m["dropped"]])
     survivors = {d.split("survivor=")[1] for d in dropped.column("detail").to_pylist()}
-    assert survivors <= set(kept.column("id").to_pylist())
+    assert survivors <= {format_key(k) for k in kept.column(ROW_KEY).to_pylist()}

@@ -90,7 +90,7 @@ def test_local_run_removes_exact_and_near_duplicates(local_result):
     by = {s["stage"]: s for s in local_result["stages"]}
     assert by["exact_dedup"]["dropped_by_reason"]["exact_duplicate"] > 5
     assert by["minhash_dedup"]["dropped_by_reason"]["near_duplicate"] > 5
-    reasons = {d[2] for d in local_result["dropped"]}
+    reasons = {d[3] for d in local_result["dropped"]}
     assert {"exact_duplicate", "near_duplicate"} <= reasons
     assert len(local_result["rejects"]) == 2 and local_result["reconciled"]
     assert {f["status"] for f in local_result["files"]} == {"ok", "truncated"}

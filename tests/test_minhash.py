@@ -8,6 +8,7 @@ from collections import defaultdict
 import numpy as np
 import pyarrow as pa
 import pytest
+from conftest import keyed, state_by_id
 from datasketch import LeanMinHash, MinHash, MinHashLSH
 from datasketch.lsh import _optimal_param
 from pydantic import ValidationError
@@ -169,10 +170,11 @@ def test_near_duplicate_clusters_match_brute_force_jaccard(scheme):
     assert ((values > 0.5) & (values < 0.98)).sum() > 300  # the planted range is covered
     st = MinHashDedup({"threshold": threshold, "num_perm": 256, "fp_weight": 0.3,
                        "fn_weight": 0.7, "verify": True, "scheme": scheme})
-    batch = pa.table({"id": ids, "text": texts})
+    (batch,) = keyed(pa.table({"id": ids, "text": texts}))
     halves = [batch.slice(0, 300), batch.slice(300)]
     keys = pa.concat_tables([st.keys(b) for b in halves])
-    state = st.resolve(pa.concat_tables([st.reduce(p) for p in partition_keys(keys, 4)]))
+    raw_state = st.resolve(pa.concat_tables([st.reduce(p) for p in partition_keys(keys, 4)]))
+    state = state_by_id(raw_state, [batch])
     index = {i: n for n, i in enumerate(ids)}
     members = defaultdict(list)
     for dropped, survivor in zip(state.column("id").to_pylist(),
@@ -187,7 +189,7 @@ def test_near_duplicate_clusters_match_brute_force_jaccard(scheme):
     assert recall >= 0.95, recall
     assert precision >= 0.9, precision
     # every record is kept or dropped in favour of a kept survivor
-    outs = [st.apply(b, state) for b in halves]
+    outs = [st.apply(b, raw_state) for b in halves]
     kept = {i for o in outs for i in o.kept.column("id").to_pylist()}
     assert kept.isdisjoint(state.column("id").to_pylist())
     assert set(state.column("survivor").to_pylist()) <= kept
@@ -199,8 +201,9 @@ def test_bands_with_many_rows_key_and_find_identical_texts():
     st = MinHashDedup({"threshold": 0.99, "num_perm": 512})
     assert st.rows > 128
     text = " ".join(f"w{i}" for i in range(300))
-    batch = pa.table({"id": ["a", "b", "c"], "text": [text, text + " x", "other words here"]})
-    state = st.resolve(st.reduce(st.keys(batch)))
+    (batch,) = keyed(pa.table({"id": ["a", "b", "c"],
+                               "text": [text, text + " x", "other words here"]}))
+    state = state_by_id(st.resolve(st.reduce(st.keys(batch))), [batch])
     assert state.column("id").to_pylist() == ["a"]
 
 
@@ -208,8 +211,8 @@ def test_survivor_is_the_longest_member_then_the_smallest_id():
     words = [f"w{i}" for i in range(100)]
     texts = [" ".join(words), " ".join(words) + " tail", " ".join(words) + " end!"]
     st = MinHashDedup({"threshold": 0.5})
-    batch = pa.table({"id": ["c", "b", "a"], "text": texts})
-    state = st.resolve(st.reduce(st.keys(batch)))
+    (batch,) = keyed(pa.table({"id": ["c", "b", "a"], "text": texts}))
+    state = state_by_id(st.resolve(st.reduce(st.keys(batch))), [batch])
     # "b" and "a" tie on length (105 characters), the smaller id wins
     assert state.column("id").to_pylist() == ["b", "c"]
     assert set(state.column("survivor").to_pylist()) == {"a"}

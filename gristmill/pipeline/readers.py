@@ -6,8 +6,12 @@ record never stops a run: it is returned as a reject with the file, the line
 early (a truncated .gz or .zst) keeps what was read before the fault and is
 reported with status ``truncated``.
 
-Ids: the mapped id field when the source has one, else ``<source>:<line>``
-(``<source>:<row>`` for Parquet), stable across runs and engines.
+Row identity: every record gets the pipeline's row key (``stage.ROW_KEY``, a
+uint64 of the input file's index and the line or row number), unique by
+construction. The user's id is data: the mapped id field when the source has
+one, else ``<file>:<line>`` (``<file>:<row>`` for Parquet), where ``<file>``
+is the input file's path relative to the recipe folder, so derived ids never
+collide between files of one source.
 """
 
 from __future__ import annotations
@@ -19,12 +23,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 import zstandard
 
 from gristmill.pipeline.recipe import SourceSpec
+from gristmill.pipeline.stage import KEY_POS_BITS, ROW_KEY, make_keys
 
 BLOCK_BYTES = 8 << 20
 READ_CHUNK = 256 << 10
@@ -33,14 +39,14 @@ MAX_RAW_CHARS = 100_000  # a reject keeps at most this much of the raw line
 
 def pretrain_schema(extra: list[str] | None = None) -> pa.Schema:
     fields = [("id", pa.string()), ("text", pa.string()), ("domain", pa.string()),
-              ("source", pa.string())]
+              ("source", pa.string()), (ROW_KEY, pa.uint64())]
     return pa.schema(fields + [(c, pa.string()) for c in extra or []])
 
 
 def sft_schema(extra: list[str] | None = None) -> pa.Schema:
     fields = [("id", pa.string()), ("prompt", pa.string()), ("responses", pa.list_(pa.string())),
               ("response_sources", pa.list_(pa.string())), ("domain", pa.string()),
-              ("source", pa.string())]
+              ("source", pa.string()), (ROW_KEY, pa.uint64())]
     return pa.schema(fields + [(c, pa.string()) for c in extra or []])
 
 
@@ -52,8 +58,13 @@ class InputTask:
     source_index: int
     path: str
     format: str
-    label: str  # stable name used in derived ids and the `source` column
+    label: str  # the `source` column: the source's name, else the file's path
     size: int = 0
+    file_label: str = ""  # the file's path relative to the recipe folder; derived ids
+
+    def __post_init__(self) -> None:
+        if not self.file_label:
+            self.file_label = self.label
 
 
 @dataclass
@@ -123,10 +134,11 @@ class _Normalizer:
             out["response_sources"] = ([str(s) for s in srcs] if isinstance(srcs, list)
                                        and len(srcs) == len(responses) else None)
         rid = obj.get(f.id) if f.id else None
-        out["id"] = str(rid) if rid is not None else f"{self.task.label}:{line}"
+        out["id"] = str(rid) if rid is not None else f"{self.task.file_label}:{line}"
         dom = obj.get(f.domain) if f.domain else None
         out["domain"] = self.spec.domain or (str(dom) if dom is not None else None)
         out["source"] = self.task.label
+        out[ROW_KEY] = (self.task.index << KEY_POS_BITS) | line
         for c in self.spec.columns:
             v = obj.get(c)
             out[c] = None if v is None else (v if isinstance(v, str) else json.dumps(v))
@@ -142,7 +154,7 @@ class _Normalizer:
         else:
             ids = None
         if ids is None or ids.null_count:
-            derived = pa.array([f"{self.task.label}:{first_line + i}" for i in range(n)])
+            derived = pa.array([f"{self.task.file_label}:{first_line + i}" for i in range(n)])
             ids = derived if ids is None else pa.compute.coalesce(ids, derived)
         cols["id"] = ids
         if self.kind == "pretrain":
@@ -161,6 +173,7 @@ class _Normalizer:
         else:
             cols["domain"] = pa.nulls(n, pa.string())
         cols["source"] = pa.array([self.task.label] * n, pa.string())
+        cols[ROW_KEY] = make_keys(self.task.index, np.arange(first_line, first_line + n))
         for c in self.spec.columns:
             cols[c] = table.column(c) if c in table.column_names else pa.nulls(n, pa.string())
         # from_arrays, not pa.table(): the latter probes for pandas and imports it
@@ -381,10 +394,13 @@ def read_parquet(task: InputTask, spec: SourceSpec, report: FileReport,
             good_rows = [i for i in range(n) if i not in set(bad_idx)] if bad_idx else None
             report.records += table.num_rows
             out = norm.finish_fast(table, row0)
-            if good_rows is not None and not (spec.fields.id and spec.fields.id in columns):
-                # derived ids must keep the original row numbers
-                out = out.set_column(0, "id", pa.array(
-                    [f"{task.label}:{row0 + i}" for i in good_rows], pa.string()))
+            if good_rows is not None:
+                # row keys and derived ids must keep the original row numbers
+                out = out.set_column(out.schema.get_field_index(ROW_KEY), ROW_KEY,
+                                     make_keys(task.index, np.asarray(good_rows) + row0))
+                if not (spec.fields.id and spec.fields.id in columns):
+                    out = out.set_column(0, "id", pa.array(
+                        [f"{task.file_label}:{row0 + i}" for i in good_rows], pa.string()))
             row0 += n
             yield out
     except (pa.ArrowException, OSError) as e:

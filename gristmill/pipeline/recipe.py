@@ -191,14 +191,17 @@ class Recipe(_Model):
             out.append((f, fmt))
         return out
 
-    def source_label(self, index: int, path: Path) -> str:
-        """A stable name for an input file: relative to the recipe folder when inside it."""
-        src = self.sources[index]
+    def file_label(self, path: Path) -> str:
+        """A stable name for an input file: its path relative to the recipe folder."""
         try:
             rel = os.path.relpath(path, self.base_dir)
         except ValueError:
             rel = str(path)
-        return src.name or Path(rel).as_posix()
+        return Path(rel).as_posix()
+
+    def source_label(self, index: int, path: Path) -> str:
+        """The ``source`` column of a file's records: the source's name, else the file."""
+        return self.sources[index].name or self.file_label(path)
 
     # ---- stages ----------------------------------------------------------
     def build_stages(self) -> list[Stage]:

@@ -109,7 +109,8 @@ def list_tasks(recipe: Recipe) -> list[InputTask]:
         for path, fmt in recipe.source_files(i):
             tasks.append(InputTask(index=len(tasks), source_index=i, path=str(path), format=fmt,
                                    label=recipe.source_label(i, path),
-                                   size=path.stat().st_size))
+                                   size=path.stat().st_size,
+                                   file_label=recipe.file_label(path)))
     return tasks
 
 
@@ -237,7 +238,8 @@ def _commit(recipe: Recipe, out: Path, tasks: list[InputTask], result: EngineRes
     stats = TaskStats()
     for tr in result.tasks:
         stats.merge(tr.stats)
-    files = [{**tr.file, "path": tasks[tr.index].label} for tr in result.tasks]
+    files = [{**tr.file, "path": tasks[tr.index].file_label, "source": tasks[tr.index].label,
+              "index": tr.index} for tr in result.tasks]
     read = sum(f.get("records", 0) for f in files)
     rejected = sum(f.get("rejected", 0) for f in files)
     written = sum(s["rows"] for s in shards)

@@ -37,8 +37,33 @@ import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict
 
+#: The pipeline's row identity: a uint64 column every reader adds, unique by
+#: construction, ``(input file index << KEY_POS_BITS) | line or row number``
+#: (1-based JSONL line, 0-based Parquet row). It is stable across resume,
+#: engines and worker counts, and it is what every stage that tracks records
+#: (dedup drop lists, survivors, sampling, tie-breaks) uses. The user's ``id``
+#: is carried as data and may repeat.
+ROW_KEY = "_key"
+KEY_POS_BITS = 40  # up to 2**40 lines per file, 2**24 files per run
+KEY_POS_MASK = (1 << KEY_POS_BITS) - 1
+
+
+def make_keys(file_index: int, positions: np.ndarray | list[int]) -> pa.Array:
+    """Row keys for ``positions`` (line or row numbers) of input file ``file_index``."""
+    pos = np.asarray(positions, dtype=np.uint64)
+    return pa.array((np.uint64(file_index) << np.uint64(KEY_POS_BITS)) | pos, pa.uint64())
+
+
+def format_key(key: int | None) -> str:
+    """``<file index>:<line or row>``, the readable form of a row key."""
+    if key is None:
+        return "?"
+    return f"{int(key) >> KEY_POS_BITS}:{int(key) & KEY_POS_MASK}"
+
+
 DROPPED_SCHEMA = pa.schema(
     [
+        (ROW_KEY, pa.uint64()),
         ("id", pa.string()),
         ("stage", pa.string()),
         ("reason", pa.string()),
@@ -57,7 +82,8 @@ class StageParams(BaseModel):
 class StageOutput:
     """What a stage returns for one batch: the rows kept and the rows dropped.
 
-    ``dropped`` has the columns of ``DROPPED_SCHEMA`` (id, stage, reason, detail).
+    ``dropped`` has the columns of ``DROPPED_SCHEMA`` (row key, id, stage, reason,
+    detail).
     """
 
     kept: pa.Table
@@ -96,7 +122,11 @@ def split_batch(
     kept = batch.filter(pa.array(keep)) if drop_idx.size else batch
     if drop_idx.size == 0:
         return StageOutput(kept=kept, dropped=empty_dropped())
-    ids = batch.column("id").take(pa.array(drop_idx))
+    take = pa.array(drop_idx)
+    ids = _flat(batch.column("id").take(take)) if "id" in batch.column_names else \
+        pa.nulls(drop_idx.size, pa.string())
+    keys = (_flat(batch.column(ROW_KEY).take(take)) if ROW_KEY in batch.column_names
+            else pa.nulls(drop_idx.size, pa.uint64()))
     if isinstance(reasons, str):
         reason_col = pa.array([reasons] * drop_idx.size, pa.string())
     else:
@@ -106,11 +136,14 @@ def split_batch(
     else:
         detail_col = pa.array(np.asarray(details, dtype=object)[drop_idx], pa.string())
     dropped = pa.Table.from_arrays(
-        [ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids,
-         pa.array([stage] * drop_idx.size, pa.string()), reason_col, detail_col],
+        [keys, ids, pa.array([stage] * drop_idx.size, pa.string()), reason_col, detail_col],
         schema=DROPPED_SCHEMA,
     )
     return StageOutput(kept=kept, dropped=dropped)
+
+
+def _flat(col: pa.Array | pa.ChunkedArray) -> pa.Array:
+    return col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
 
 
 class Stage:

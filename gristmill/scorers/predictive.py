@@ -50,7 +50,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from gristmill.pipeline.hashing import hash64
+from gristmill.pipeline.hashing import hash64, record_hash
 from gristmill.pipeline.stage import (
     GlobalStage,
     RowStage,
@@ -365,7 +365,7 @@ class PreSelectLabel(GlobalStage):
     def _keys(self, batch: pa.Table) -> tuple[np.ndarray, np.ndarray]:
         s = pc.fill_null(batch.column(self.params.column).cast(pa.float64()), float("nan"))
         return (s.to_numpy(zero_copy_only=False).astype(np.float64),
-                hash64(batch.column("id"), seed=self.seed, salt=self.name))
+                record_hash(batch, self.seed, self.name))
 
     def summarize(self, batch: pa.Table) -> tuple[np.ndarray, np.ndarray]:
         return self._keys(batch)

@@ -27,14 +27,24 @@ from pydantic import BaseModel, ConfigDict, Field
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from gristmill.pipeline.hashing import hash64, normalize_text
-from gristmill.pipeline.stage import ShuffleStage, StageOutput, StageParams, keep_all, split_batch
+from gristmill.pipeline.hashing import hash64, mix64, normalize_text
+from gristmill.pipeline.stage import (
+    ROW_KEY,
+    ShuffleStage,
+    StageOutput,
+    StageParams,
+    format_key,
+    keep_all,
+    split_batch,
+)
 
-KEYS_SCHEMA = pa.schema([("key", pa.uint64()), ("id", pa.string()), ("score", pa.float64())])
-EDGES_SCHEMA = pa.schema([("id", pa.string()), ("score", pa.float64()),
-                          ("best_id", pa.string()), ("best_score", pa.float64())])
-STATE_SCHEMA = pa.schema([("id", pa.string()), ("cluster", pa.string()),
-                          ("survivor", pa.string())])
+# Records are identified by the pipeline's row key (ROW_KEY), never by the
+# user's id: ids may repeat (per-file numbering) where records do not.
+KEYS_SCHEMA = pa.schema([("key", pa.uint64()), (ROW_KEY, pa.uint64()), ("score", pa.float64())])
+EDGES_SCHEMA = pa.schema([(ROW_KEY, pa.uint64()), ("score", pa.float64()),
+                          ("best_key", pa.uint64()), ("best_score", pa.float64())])
+STATE_SCHEMA = pa.schema([(ROW_KEY, pa.uint64()), ("cluster", pa.string()),
+                          ("survivor", pa.uint64())])
 
 
 class KeepSpec(BaseModel):
@@ -66,7 +76,7 @@ class ClusterDedup(ShuffleStage):
 
     def input_columns(self) -> tuple[str, ...]:
         col = self.params.keep.column
-        return ("id", self.text_column) + ((col,) if col else ())
+        return (self.text_column,) + ((col,) if col else ())
 
     # -- keys ------------------------------------------------------------------
     def record_keys(self, batch: pa.Table) -> tuple[np.ndarray, np.ndarray, dict[str, pa.Array]]:
@@ -93,7 +103,10 @@ class ClusterDedup(ShuffleStage):
     def keys(self, batch: pa.Table) -> pa.Table:
         keys, rows, extra = self.record_keys(batch)
         rows_arr = pa.array(rows, pa.int64())
-        ids = batch.column("id").take(rows_arr)
+        if ROW_KEY not in batch.column_names:
+            raise ValueError(f"{self.name}: the batch has no {ROW_KEY!r} column (the row key "
+                             "every gristmill reader adds); records are tracked by it")
+        ids = batch.column(ROW_KEY).take(rows_arr)
         score = self.scores(batch)[rows]
         table = pa.Table.from_arrays(
             [pa.array(keys, pa.uint64()),
@@ -107,13 +120,13 @@ class ClusterDedup(ShuffleStage):
     def reduce(self, partition: pa.Table) -> pa.Table:
         """One edge per member of every group of two or more: member -> group best.
 
-        Sorting by (key, score desc, id asc) puts each group's best first, so the
+        Sorting by (key, score desc, row key asc) puts each group's best first, so the
         whole partition is handled with one sort and array arithmetic.
         """
         if partition is None or partition.num_rows < 2:
             return EDGES_SCHEMA.empty_table()
         t = partition.sort_by([("key", "ascending"), ("score", "descending"),
-                               ("id", "ascending")])
+                               (ROW_KEY, "ascending")])
         key = t.column("key").to_numpy()
         start = np.ones(key.size, dtype=bool)
         start[1:] = key[1:] != key[:-1]
@@ -125,38 +138,38 @@ class ClusterDedup(ShuffleStage):
         ok = self.verify(t, member, best)
         if ok is not None:
             member, best = member[ok], best[ok]
-        ids = t.column("id").combine_chunks()
+        ids = t.column(ROW_KEY).combine_chunks()
         score = t.column("score").combine_chunks()
         m, b = pa.array(member), pa.array(best)
         edges = pa.Table.from_arrays([ids.take(m), score.take(m), ids.take(b), score.take(b)],
                                      schema=EDGES_SCHEMA)
         # a record keyed twice into one group (MinHash bands that collide) is no edge
-        return edges.filter(pc.not_equal(edges.column("id"), edges.column("best_id")))
+        return edges.filter(pc.not_equal(edges.column(ROW_KEY), edges.column("best_key")))
 
     # -- resolve ---------------------------------------------------------------
     def resolve(self, reduced: pa.Table | None) -> pa.Table:
         """Connected components over all edges; the survivor is each cluster's best.
 
-        Returns the dropped records only (id, cluster, survivor), sorted by id, so
+        Returns the dropped records only (row key, cluster, survivor's row key),
+        sorted by row key, so
         memory is proportional to the duplicates, not the corpus.
         """
         if reduced is None or reduced.num_rows == 0:
             return STATE_SCHEMA.empty_table()
         reduced = reduced.cast(EDGES_SCHEMA)
-        both = pa.concat_arrays([reduced.column("id").combine_chunks(),
-                                 reduced.column("best_id").combine_chunks()])
+        both = np.concatenate([reduced.column(ROW_KEY).to_numpy(),
+                               reduced.column("best_key").to_numpy()]).astype(np.uint64)
         both_score = np.concatenate([reduced.column("score").to_numpy(),
                                      reduced.column("best_score").to_numpy()])
-        nodes = pc.unique(both)
-        nodes = nodes.take(pc.sort_indices(nodes))  # node index order == id order
-        idx = pc.index_in(both, value_set=nodes).to_numpy().astype(np.int64)
+        nodes, idx = np.unique(both, return_inverse=True)  # node index order == key order
+        idx = idx.astype(np.int64)
         n = len(nodes)
         node_score = np.empty(n, dtype=np.float64)
         node_score[idx] = both_score
         e = reduced.num_rows
         graph = coo_matrix((np.ones(e, dtype=np.int8), (idx[:e], idx[e:])), shape=(n, n))
         _, comp = connected_components(graph, directed=False)
-        # best first within a component: score descending, then smallest id (index)
+        # best first within a component: score descending, then smallest row key (index)
         order = np.lexsort((np.arange(n), -node_score, comp))
         comp_sorted = comp[order]
         first = np.ones(n, dtype=bool)
@@ -165,17 +178,18 @@ class ClusterDedup(ShuffleStage):
         survivor_of_comp[comp_sorted[first]] = order[first]
         survivor = survivor_of_comp[comp]
         dropped = np.flatnonzero(survivor != np.arange(n))
-        surv_ids = nodes.take(pa.array(survivor[dropped]))
-        cluster = np.char.mod("%016x", hash64(surv_ids, seed=self.seed, salt=self.name))
+        surv = nodes[survivor[dropped]]
+        cluster = np.char.mod("%016x", mix64(surv, seed=self.seed, salt=self.name))
         return pa.Table.from_arrays(
-            [nodes.take(pa.array(dropped)), pa.array(cluster.tolist(), pa.string()), surv_ids],
-            schema=STATE_SCHEMA)
+            [pa.array(nodes[dropped], pa.uint64()), pa.array(cluster.tolist(), pa.string()),
+             pa.array(surv, pa.uint64())], schema=STATE_SCHEMA)
 
     # -- apply -----------------------------------------------------------------
     def apply(self, batch: pa.Table, state: pa.Table) -> StageOutput:
         if state is None or state.num_rows == 0 or batch.num_rows == 0:
             return keep_all(batch)
-        pos = pc.index_in(batch.column("id"), value_set=state.column("id").combine_chunks())
+        pos = pc.index_in(batch.column(ROW_KEY),
+                          value_set=state.column(ROW_KEY).combine_chunks())
         hit = pc.is_valid(pos).to_numpy(zero_copy_only=False)
         if not hit.any():
             return keep_all(batch)
@@ -183,7 +197,7 @@ class ClusterDedup(ShuffleStage):
         details = np.full(batch.num_rows, None, dtype=object)
         rows = np.flatnonzero(hit)
         taken = state.take(pa.array(where[rows].astype(np.int64)))
-        details[rows] = [f"cluster={c} survivor={s}" for c, s in
+        details[rows] = [f"cluster={c} survivor={format_key(s)}" for c, s in
                          zip(taken.column("cluster").to_pylist(),
                              taken.column("survivor").to_pylist(), strict=True)]
         return split_batch(batch, ~hit, self.name, self.reason, details)
@@ -206,7 +220,8 @@ class ExactDedup(ClusterDedup):
     --------
     >>> import pyarrow as pa
     >>> st = ExactDedup()
-    >>> batch = pa.table({"id": ["a", "b", "c"], "text": ["Hi there!", "hi  there", "other"]})
+    >>> batch = pa.table({"_key": pa.array([1, 2, 3], pa.uint64()), "id": ["a", "b", "c"],
+    ...                   "text": ["Hi there!", "hi  there", "other"]})
     >>> state = st.resolve(st.reduce(st.keys(batch)))
     >>> st.apply(batch, state).kept.column("id").to_pylist()
     ['a', 'c']

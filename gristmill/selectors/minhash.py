@@ -497,7 +497,7 @@ class MinHashDedup(ClusterDedup):
     >>> words = [f"w{i}" for i in range(200)]
     >>> near = words[:150] + ["x"] + words[151:]
     >>> st = MinHashDedup({"threshold": 0.7})
-    >>> batch = pa.table({"id": ["a", "b", "c"],
+    >>> batch = pa.table({"_key": pa.array([1, 2, 3], pa.uint64()), "id": ["a", "b", "c"],
     ...                   "text": [" ".join(words), " ".join(near), "something else"]})
     >>> state = st.resolve(st.reduce(st.keys(batch)))
     >>> st.apply(batch, state).kept.column("id").to_pylist()

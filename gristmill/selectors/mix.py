@@ -7,12 +7,12 @@
     r_d = target_tokens_d / tokens_d ,
 
 and ``apply`` keeps every record floor(r_d) times plus once more when
-uniform(seed, id) < theta_d, where theta_d is frac(r_d) rounded to the grid of
+uniform(seed, row key) < theta_d, where theta_d is frac(r_d) rounded to the grid of
 a per-domain histogram of uniform draws (``HIST_BINS`` bins) so that the
 realized token count is known exactly from the summaries, without a second
 pass. Copies after the first get ``id#e<k>`` as id and ``mix_epoch = k``.
 
-All randomness is ``uniform(seed, id)``, so every engine and every
+All randomness is ``uniform(seed, row key)``, so every engine and every
 partitioning keeps the same records the same number of times.
 
 Tokens are counted by a Hugging Face tokenizer loaded from a local folder when
@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field, model_validator
 
-from gristmill.pipeline.hashing import uniform
+from gristmill.pipeline.hashing import record_uniform
 from gristmill.pipeline.stage import GlobalStage, StageOutput, StageParams, split_batch
 from gristmill.selectors.mixture import MixtureSchedule, token_shares, unimax_weights
 
@@ -140,13 +140,13 @@ class Mix(GlobalStage):
         dom = batch.column(p.domain_column).combine_chunks().cast(pa.string()).fill_null(NO_DOMAIN)
         enc = dom.dictionary_encode()
         names = [str(s) for s in enc.dictionary.to_pylist()]
-        u = uniform(batch.column("id"), seed=self.seed, salt=self.name)
+        u = record_uniform(batch, self.seed, self.name)
         return names, enc.indices.to_numpy(zero_copy_only=False), u
 
     # the global stage --------------------------------------------------
 
     def summarize(self, batch: pa.Table) -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
-        """Per domain: documents and tokens in each of HIST_BINS bins of uniform(seed, id)."""
+        """Per domain: documents and tokens in each of HIST_BINS bins of uniform(seed, row key)."""
         if batch.num_rows == 0:
             return None
         names, codes, u = self._columns(batch)

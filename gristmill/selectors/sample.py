@@ -8,7 +8,7 @@ from typing import ClassVar
 import pyarrow as pa
 from pydantic import Field
 
-from gristmill.pipeline.hashing import uniform
+from gristmill.pipeline.hashing import record_uniform
 from gristmill.pipeline.stage import RowStage, StageOutput, StageParams, split_batch
 
 
@@ -32,5 +32,5 @@ class Sample(RowStage):
     Params: ClassVar = SampleParams
 
     def process(self, batch: pa.Table) -> StageOutput:
-        u = uniform(batch.column("id"), seed=self.seed, salt=self.name)
+        u = record_uniform(batch, self.seed, self.name)
         return split_batch(batch, u < self.params.fraction, self.name, "sampled_out")

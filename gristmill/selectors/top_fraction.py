@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
-from gristmill.pipeline.hashing import hash64
+from gristmill.pipeline.hashing import record_hash
 from gristmill.pipeline.stage import GlobalStage, StageOutput, StageParams, split_batch
 
 
@@ -55,7 +55,7 @@ class TopFraction(GlobalStage):
             w = pc.utf8_length(batch.column("text")).to_numpy(zero_copy_only=False).astype(np.int64)
         else:
             w = np.ones(batch.num_rows, dtype=np.int64)
-        tie = hash64(batch.column("id"), seed=self.seed, salt=self.name)
+        tie = record_hash(batch, self.seed, self.name)
         return s, w, tie
 
     def summarize(self, batch: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
