@@ -1,49 +1,61 @@
-"""Mixture strategies on an imbalanced corpus, validated by training a tiny LM.
+"""Mixture strategies on real, imbalanced multilingual text, validated by training a tiny LM.
 
 After "Upsample or Upweight? Balanced Training on Heavily Imbalanced
 Datasets" (Li et al. 2024) and UniMax (Chung et al. 2023).
 
-Corpus: six synthetic domains (``d0`` largest ... ``d5`` smallest; token
-counts span about 200x). Each domain is its own "language": a vocabulary of
-pseudo-words from domain-specific syllables and a sparse random bigram chain
-over them, so domains share no words and a small domain is only learnt from
-its own data. Held-out text comes from the same chains.
+Corpus: Debian's documentation (debian-reference, debian-handbook,
+maint-guide, developers-reference, the aptitude manual; see
+``debian_docs.py`` for the ``apt-get`` line), one domain per language. A
+document is one section of a page; train and held-out text are split by
+whole document. The six languages are subsampled to a geometric span of
+training bytes (en > de > fr > es > ja > ru, 150x from largest to smallest
+by default); held-out text is the same size for every language. Latin-script
+languages share words and subwords with each other; Japanese and Russian
+share little with the rest, so for them there is little transfer to lean on.
+One byte-level BPE (1,024 tokens) is trained on the training text of all
+languages, equal bytes each.
 
 Arms, all on the same token budget and the same tiny Llama (2 layers, 64
 wide) trained by ``gristmill.trainers.lm``:
 
-- ``T=1``        natural mixture p = q
-- ``T=5``        temperature sampling p ∝ q^(1/5)
-- ``scal T=5``   sample q, loss weights p(5)/q (scalarization)
-- ``cooldown``   temperature 5 -> 1, cosine from half-way
-- ``unimax``     UniMax, at most 4 epochs per domain
+- ``T=1``, ``T=3.33``, ``T=5``: temperature sampling p ∝ q^(1/T)
+- ``scal T=5``: sample q, weight losses by p(5)/q (scalarization)
+- ``cooldown step``, ``cooldown cos``: T 5 -> 1, switching (step) or decaying
+  (cosine) from half-way
+- ``unimax N=1``, ``unimax N=4``: UniMax, at most N epochs per language
 
-Measured per arm over 3 seeds: per-domain held-out loss, the worst domain's
-loss, the smallest domain's train-validation gap (held-out loss minus loss
-on its training windows; positive = overfitting), and,
-at the T=1 arm's final model, the variance of minibatch gradients under
-temperature sampling (T=5, unweighted) vs scalarization (q with weights):
-E ||g - E g||^2 over 24 minibatches. Plots: ``mixture_validation.png``.
+Measured per arm and seed: held-out bits per byte of every language (token
+loss in nats x tokens per byte of that language's held-out text / ln 2), the
+worst and mean language, the train - held-out gap of the two smallest
+languages (held-out minus training-window bits per byte), and, at the T=1
+arm's final model, the variance of minibatch gradients under temperature
+sampling T=5 (unweighted) vs scalarization T=5 (q with loss weights),
+E ||g - E g||^2 over 24 minibatches. Seeds change the model initialisation
+and the batches; the data split is fixed (``--data-seed``). Paired
+differences (arm - T=1, per seed) are reported with a 95% t-interval.
 
-Run: ``nice -n 10 .venv/bin/python benchmarks/mixture_validation.py``
-(about 10-20 minutes on 2 shared CPU cores).
+Run (about 20-25 minutes on one busy CPU core; ``--quick`` in about 2):
+
+    nice -n 10 .venv/bin/python benchmarks/mixture_validation.py
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import torch
+from scipy import stats
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from debian_docs import language_documents, require, take_bytes  # noqa: E402
 
 from gristmill.pipeline.tokenized import IndexedTokens, write_tokenized  # noqa: E402
 from gristmill.selectors.mixture import MixtureSchedule, unimax_weights  # noqa: E402
@@ -58,60 +70,49 @@ from gristmill.trainers.tiny import build_tiny_lm, build_tokenizer  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 WORK = HERE / "_work" / "mixture_validation"
-# Characters of training text per domain: 240x from largest to smallest.
-DOMAIN_CHARS = [480_000, 160_000, 50_000, 16_000, 5_000, 2_000]
-HELDOUT_CHARS = 4_000
-SYLLABLES = ["ka", "lo", "mi", "nu", "pe", "ri", "sa", "to", "ve", "zu", "ba", "de", "fi", "go",
-             "hu", "ja", "ke", "li", "mo", "ne", "po", "qu", "ru", "si", "ta", "wi", "xo", "yu"]
+LANGS = ["en", "de", "fr", "es", "ja", "ru"]
+LN2 = math.log(2)
 
 
-def domain_generator(d: int) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Words, start distribution and bigram matrix of domain ``d``'s language."""
-    rng = np.random.default_rng(100 + d)
-    syl = rng.choice(SYLLABLES, size=8, replace=False)
-    words = sorted({"".join(rng.choice(syl, size=rng.integers(1, 4))) for _ in range(200)})[:48]
-    k = len(words)
-    trans = rng.dirichlet(np.full(k, 0.08), size=k)  # sparse rows: predictable continuations
-    return words, np.full(k, 1 / k), trans
-
-
-def generate(d: int, chars: int, seed: int) -> list[str]:
-    words, start, trans = domain_generator(d)
-    rng = np.random.default_rng([seed, d])
-    docs, total = [], 0
-    while total < chars:
-        w = rng.choice(len(words), p=start)
-        out = [words[w]]
-        for _ in range(rng.integers(20, 60)):
-            w = rng.choice(len(words), p=trans[w])
-            out.append(words[w])
-        doc = " ".join(out) + "."
-        docs.append(doc)
-        total += len(doc)
-    return docs
-
-
-def build_data(work: Path) -> dict[str, str]:
+def build_data(work: Path, largest: int, span: float, heldout_bytes: int, seed: int) -> dict:
+    """Tokenized train / held-out corpora, one domain per language."""
+    rng = np.random.default_rng(seed)
+    sizes = np.geomspace(largest, largest / span, len(LANGS)).round().astype(int)
+    docs = {lang: language_documents(lang) for lang in LANGS}
+    require(docs, {lang: int(n) + heldout_bytes for lang, n in zip(LANGS, sizes, strict=True)})
+    train, held = {}, {}
+    for lang, n in zip(LANGS, sizes, strict=True):
+        held[lang], rest = take_bytes(docs[lang], heldout_bytes, rng)
+        train[lang], _ = take_bytes(rest, int(n), rng)
     work.mkdir(parents=True, exist_ok=True)
-    train = [(f"d{d}", t) for d, c in enumerate(DOMAIN_CHARS) for t in generate(d, c, seed=1)]
-    held = [(f"d{d}", t) for d in range(len(DOMAIN_CHARS)) for t in generate(d, HELDOUT_CHARS, seed=2)]
     tok_dir = work / "tokenizer"
-    # Balanced tokenizer training text so no domain's words are left unmerged.
-    tok_texts = [t for d in range(len(DOMAIN_CHARS)) for t in generate(d, 2_000, seed=3)]
-    build_tokenizer(tok_texts, vocab_size=512, path=tok_dir)
-    write_tokenized([t for _, t in train], str(tok_dir), work / "train",
-                    domains=[d for d, _ in train], progress=False)
-    write_tokenized([t for _, t in held], str(tok_dir), work / "heldout",
-                    domains=[d for d, _ in held], progress=False)
-    return {"tokenizer": str(tok_dir), "train": str(work / "train"), "heldout": str(work / "heldout")}
+    per_lang = int(min(sizes.min(), 40_000))
+    tok_texts = [d for lang in LANGS for d in take_bytes(train[lang], per_lang, rng)[0]]
+    build_tokenizer(tok_texts, vocab_size=1024, path=tok_dir)
+    for name, split in (("train", train), ("heldout", held)):
+        write_tokenized([d for lang in LANGS for d in split[lang]], str(tok_dir), work / name,
+                        domains=[lang for lang in LANGS for _ in split[lang]], progress=False)
+    corpus = {name: IndexedTokens(str(work / name)) for name in ("train", "heldout")}
+    # Tokens per byte of each language, to turn nats/token into bits/byte.
+    tpb = {name: {lang: corpus[name].tokens_per_domain()[lang]
+                  / sum(len(d.encode()) + 1 for d in split[lang]) for lang in LANGS}
+           for name, split in (("train", train), ("heldout", held))}
+    return {"tokenizer": str(tok_dir), "train": str(work / "train"), "heldout": str(work / "heldout"),
+            "bytes": {lang: sum(len(d.encode()) for d in train[lang]) for lang in LANGS},
+            "docs": {lang: len(train[lang]) for lang in LANGS},
+            "heldout_docs": {lang: len(held[lang]) for lang in LANGS}, "tokens_per_byte": tpb}
 
 
 def schedules(domains: list[str], tokens: np.ndarray, steps: int, budget: int) -> dict[str, MixtureSchedule]:
     return {
         "T=1": MixtureSchedule.temperature(domains, tokens, 1.0, steps),
+        "T=3.33": MixtureSchedule.temperature(domains, tokens, 10 / 3, steps),
         "T=5": MixtureSchedule.temperature(domains, tokens, 5.0, steps),
         "scal T=5": MixtureSchedule.scalarization(domains, tokens, 5.0, steps),
-        "cooldown 5->1": MixtureSchedule.cooldown(domains, tokens, steps, 5.0, 1.0, "cosine", 0.5),
+        "cooldown step": MixtureSchedule.cooldown(domains, tokens, steps, 5.0, 1.0, "step", 0.5),
+        "cooldown cos": MixtureSchedule.cooldown(domains, tokens, steps, 5.0, 1.0, "cosine", 0.5),
+        "unimax N=1": MixtureSchedule.constant(domains, unimax_weights(tokens, budget, 1.0), steps,
+                                               meta={"method": "unimax", "max_epochs": 1.0}),
         "unimax N=4": MixtureSchedule.constant(domains, unimax_weights(tokens, budget, 4.0), steps,
                                                meta={"method": "unimax", "max_epochs": 4.0}),
     }
@@ -139,117 +140,141 @@ def grad_variance(model_dir: Path, train: str, sched: MixtureSchedule, seq_len: 
     return float(((G - G.mean(0)) ** 2).sum(1).mean())
 
 
+def interval(x: list[float] | np.ndarray) -> tuple[float, float, float]:
+    """Mean and 95% t-interval of ``x``."""
+    x = np.asarray(x, dtype=np.float64)
+    if len(x) < 2:
+        return float(x.mean()), float("nan"), float("nan")
+    half = stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x))
+    return float(x.mean()), float(x.mean() - half), float(x.mean() + half)
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description="mixture strategies on an imbalanced corpus")
-    ap.add_argument("--steps", type=int, default=300)
+    ap = argparse.ArgumentParser(description="mixture strategies on real multilingual text")
+    ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=64)
+    ap.add_argument("--largest", type=int, default=600_000, help="training bytes of en")
+    ap.add_argument("--span", type=float, default=150.0, help="largest / smallest training bytes")
+    ap.add_argument("--heldout-bytes", type=int, default=12_000)
+    ap.add_argument("--data-seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="a 2-minute smoke run")
     args = ap.parse_args()
+    if args.quick:
+        args.steps, args.seeds, args.largest, args.span = 30, [0], 60_000, 100.0
     torch.set_num_threads(1)
     t0 = time.time()
     if WORK.exists():
         shutil.rmtree(WORK)
-    data = build_data(WORK)
+    data = build_data(WORK, args.largest, args.span, args.heldout_bytes, args.data_seed)
     train = IndexedTokens(data["train"])
     tok_per_dom = train.tokens_per_domain()
-    domains = sorted(tok_per_dom)
+    domains = list(LANGS)
     tokens = np.array([tok_per_dom[d] for d in domains], dtype=np.float64)
     budget = args.steps * args.batch * args.seq_len
-    print("tokens per domain:", dict(zip(domains, tokens.astype(int).tolist(), strict=True)),
-          f"(largest/smallest {tokens.max() / tokens.min():.0f}x); budget {budget} tokens")
+    print("training bytes:", data["bytes"], "documents:", data["docs"], "held-out documents:",
+          data["heldout_docs"])
+    print("tokens:", dict(zip(domains, tokens.astype(int).tolist(), strict=True)),
+          f"(largest/smallest {tokens.max() / tokens.min():.0f}x); budget {budget} tokens; "
+          f"held-out tokens/byte {({k: round(v, 3) for k, v in data['tokens_per_byte']['heldout'].items()})}")
     arms = schedules(domains, tokens, args.steps, budget)
     for name, s in arms.items():
-        print(f"  {name:<14} mean mixture {np.round(s.mean_weights(), 3).tolist()}  "
-              f"loss weights {None if s.loss_weights is None else {k: round(v, 2) for k, v in s.loss_weights.items()}}")
-    smallest = domains[int(np.argmin(tokens))]
+        print(f"  {name:<14} mean mixture {np.round(s.mean_weights(), 3).tolist()}  loss weights "
+              f"{None if s.loss_weights is None else {k: round(v, 2) for k, v in s.loss_weights.items()}}")
+    small = [domains[i] for i in np.argsort(tokens)[:2]]
+    tpb = data["tokens_per_byte"]
     results: dict[str, list[dict]] = {name: [] for name in arms}
     variances: dict[str, list[float]] = {"sampling T=5": [], "scalarization T=5": []}
     for seed in args.seeds:
         model_dir = build_tiny_lm(data["tokenizer"], WORK / f"init{seed}", n_layer=2, n_embd=64,
                                   n_head=4, n_positions=args.seq_len + 1, seed=seed)
         for name, sched in arms.items():
-            out = WORK / f"run-{name.replace(' ', '_').replace('>', '')}-{seed}"
+            out = WORK / f"run-{name.replace(' ', '_').replace('=', '')}-{seed}"
             cfg = LMTrainConfig(train=[data["train"]], eval={"heldout": data["heldout"], "train": data["train"]},
                                 out_dir=str(out), model=str(model_dir), seq_len=args.seq_len,
                                 batch_size=args.batch, max_steps=args.steps, lr=3e-3, warmup_steps=20,
-                                eval_every=max(1, args.steps // 6), eval_sequences=12, seed=seed,
+                                eval_every=args.steps, eval_sequences=12, seed=seed,
                                 device="cpu", progress=False)
+            t_arm = time.time()
             res = train_lm(cfg, schedule=sched)
             fin = res.final_eval
-            held = {d: fin[f"heldout/{d}"] for d in domains}
+            held = {d: fin[f"heldout/{d}"] * tpb["heldout"][d] / LN2 for d in domains}
+            trn = {d: fin[f"train/{d}"] * tpb["train"][d] / LN2 for d in domains}
             results[name].append({
-                "heldout": held, "worst": max(held.values()), "mean": float(np.mean(list(held.values()))),
-                "gap_smallest": fin[f"heldout/{smallest}"] - fin[f"train/{smallest}"],
-                "curve_smallest": [(e["step"], e[f"heldout/{smallest}"], e[f"train/{smallest}"])
-                                   for e in res.curves["eval"]],
-                "epochs": res.curves["domain_epochs"],
-            })
-            print(f"seed {seed} {name:<14} worst {results[name][-1]['worst']:.3f} mean "
-                  f"{results[name][-1]['mean']:.3f} gap({smallest}) {results[name][-1]['gap_smallest']:.3f} "
-                  f"[{time.time() - t0:.0f}s]", flush=True)
+                "seed": seed, "heldout_bpb": held, "train_bpb": trn, "worst": max(held.values()),
+                "mean": float(np.mean(list(held.values()))),
+                "gap": {d: held[d] - trn[d] for d in small}, "epochs": res.curves["domain_epochs"],
+                "seconds": time.time() - t_arm})
+            r = results[name][-1]
+            print(f"seed {seed} {name:<14} worst {r['worst']:.3f} mean {r['mean']:.3f} bpb  gap "
+                  f"{ {d: round(v, 3) for d, v in r['gap'].items()} }  [{time.time() - t0:.0f}s]", flush=True)
             if name == "T=1":
                 final_model = res.model_dir
-        variances["sampling T=5"].append(grad_variance(final_model, data["train"], arms["T=5"],
-                                                       args.seq_len, args.batch, 24, seed))
-        variances["scalarization T=5"].append(grad_variance(final_model, data["train"], arms["scal T=5"],
-                                                            args.seq_len, args.batch, 24, seed))
+        for key, arm in (("sampling T=5", "T=5"), ("scalarization T=5", "scal T=5")):
+            variances[key].append(grad_variance(final_model, data["train"], arms[arm], args.seq_len,
+                                                args.batch, 24, seed))
         print(f"seed {seed} grad variance: sampling {variances['sampling T=5'][-1]:.4f} "
               f"scalarization {variances['scalarization T=5'][-1]:.4f}", flush=True)
-    summary = summarize(results, variances, domains, smallest)
-    summary["seconds"] = time.time() - t0
-    summary["tokens_per_domain"] = dict(zip(domains, tokens.astype(int).tolist(), strict=True))
-    summary["budget_tokens"] = budget
+    summary = summarize(results, variances, domains, small)
+    summary.update(seconds=time.time() - t0, tokens_per_domain=dict(zip(domains, tokens.astype(int).tolist(),
+                                                                        strict=True)),
+                   training_bytes=data["bytes"], budget_tokens=budget, args=vars(args))
     print(json.dumps(summary, indent=1))
+    print(table(summary, results, domains, small))
     (HERE / "_work").mkdir(exist_ok=True)
     with open(HERE / "_work" / "mixture_validation.json", "w") as f:
         json.dump({"summary": summary, "runs": results}, f)
-    plot(results, variances, domains, smallest)
 
 
-def summarize(results, variances, domains, smallest) -> dict:
-    out: dict = {"arms": {}}
+def summarize(results, variances, domains, small) -> dict:
+    out: dict = {"arms": {}, "paired_vs_T1": {}}
+    base = results["T=1"]
     for name, runs in results.items():
-        held = np.array([[r["heldout"][d] for d in domains] for r in runs])
         out["arms"][name] = {
-            "heldout_mean_per_domain": dict(zip(domains, held.mean(0).round(4).tolist(), strict=True)),
-            "worst_domain_loss": [float(np.mean([r["worst"] for r in runs])),
-                                  float(np.std([r["worst"] for r in runs]))],
-            "mean_domain_loss": [float(np.mean([r["mean"] for r in runs])),
-                                 float(np.std([r["mean"] for r in runs]))],
-            f"gap_{smallest}": [float(np.mean([r["gap_smallest"] for r in runs])),
-                                float(np.std([r["gap_smallest"] for r in runs]))],
-            f"epochs_{smallest}": float(np.mean([r["epochs"][smallest] for r in runs])),
+            "heldout_bpb_mean_per_language": {d: float(np.mean([r["heldout_bpb"][d] for r in runs]))
+                                              for d in domains},
+            "worst_per_seed": [r["worst"] for r in runs], "mean_per_seed": [r["mean"] for r in runs],
+            "gap_per_seed": {d: [r["gap"][d] for r in runs] for d in small},
+            "epochs_smallest": float(np.mean([r["epochs"][small[0]] for r in runs])),
         }
-    out["grad_variance"] = {k: [float(np.mean(v)), float(np.std(v))] for k, v in variances.items()}
+        if name != "T=1":
+            out["paired_vs_T1"][name] = {
+                key: interval([r[key] - b[key] for r, b in zip(runs, base, strict=True)])
+                for key in ("worst", "mean")}
+    out["grad_variance"] = {k: {"per_seed": v, "mean_ci": interval(v)} for k, v in variances.items()}
+    ratio = np.asarray(variances["scalarization T=5"]) / np.asarray(variances["sampling T=5"])
+    out["grad_variance"]["ratio_scal_over_sampling"] = {"per_seed": ratio.tolist(), "mean_ci": interval(ratio)}
     return out
 
 
-def plot(results, variances, domains, smallest) -> None:
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    names = list(results)
-    x = np.arange(len(domains))
-    width = 0.8 / len(names)
-    for i, name in enumerate(names):
-        held = np.array([[r["heldout"][d] for d in domains] for r in results[name]])
-        axes[0].bar(x + i * width, held.mean(0), width, yerr=held.std(0), label=name)
-    axes[0].set_xticks(x + 0.4 - width / 2, domains)
-    axes[0].set(ylabel="held-out loss (nats/token)", title="per-domain held-out loss (d0 largest)")
-    axes[0].legend(fontsize=8)
-    for name in names:
-        curves = np.array([[c[1] for c in r["curve_smallest"]] for r in results[name]])
-        train_c = np.array([[c[2] for c in r["curve_smallest"]] for r in results[name]])
-        steps = [c[0] for c in results[name][0]["curve_smallest"]]
-        line = axes[1].plot(steps, curves.mean(0), label=f"{name} held-out")[0]
-        axes[1].plot(steps, train_c.mean(0), "--", color=line.get_color(), lw=1)
-    axes[1].set(xlabel="step", ylabel="loss", title=f"smallest domain {smallest}: held-out (-) vs train (--)")
-    axes[1].legend(fontsize=7)
-    keys = list(variances)
-    axes[2].bar(keys, [np.mean(variances[k]) for k in keys], yerr=[np.std(variances[k]) for k in keys])
-    axes[2].set(ylabel="E||g - Eg||^2", title="minibatch gradient variance (T=1 model)")
-    fig.tight_layout()
-    fig.savefig(HERE / "mixture_validation.png", dpi=110)
-    plt.close(fig)
+def _ci(paired: dict | None, key: str) -> str:
+    if not paired:
+        return ""
+    m, lo, hi = paired[key]
+    return f"{m:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+
+
+def table(summary, results, domains, small) -> str:
+    """The Markdown table recorded in RESULTS.md."""
+    lines = ["| arm | " + " | ".join(domains) + " | worst (per seed) | mean (per seed) | worst − T=1 [95% CI] "
+             "| mean − T=1 [95% CI] | gap " + " / ".join(small) + " | epochs " + small[0] + " |",
+             "|---" * (len(domains) + 7) + "|"]
+    for name, arm in summary["arms"].items():
+        per = arm["heldout_bpb_mean_per_language"]
+        paired = summary["paired_vs_T1"].get(name)
+        gaps = " / ".join(f"{np.mean(arm['gap_per_seed'][d]):.2f}" for d in small)
+        lines.append(f"| {name} | " + " | ".join(f"{per[d]:.3f}" for d in domains)
+                     + f" | {np.mean(arm['worst_per_seed']):.3f} ({', '.join(f'{v:.3f}' for v in arm['worst_per_seed'])})"
+                     + f" | {np.mean(arm['mean_per_seed']):.3f} ({', '.join(f'{v:.3f}' for v in arm['mean_per_seed'])})"
+                     + f" | {_ci(paired, 'worst')} | {_ci(paired, 'mean')} | {gaps} | {arm['epochs_smallest']:.1f} |")
+    gv = summary["grad_variance"]
+    lines.append("")
+    lines.append("gradient variance E||g - Eg||^2 at the T=1 model, per seed: sampling T=5 "
+                 + ", ".join(f"{v:.3f}" for v in gv["sampling T=5"]["per_seed"]) + "; scalarization T=5 "
+                 + ", ".join(f"{v:.3f}" for v in gv["scalarization T=5"]["per_seed"])
+                 + "; ratio {:.1f} [{:.1f}, {:.1f}]".format(*gv["ratio_scal_over_sampling"]["mean_ci"]))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
