@@ -25,6 +25,8 @@ STAGES: dict[str, str] = {
     "url_filter": "gristmill.selectors.filters.url:UrlFilter",
     "filter": "gristmill.selectors.filters.expression:ExpressionFilter",
     "language_id": "gristmill.selectors.filters.language_id:LanguageId",
+    "decontaminate": "gristmill.selectors.filters.decontaminate:Decontaminate",
+    "pii": "gristmill.formatters.pii:Pii",
     "mix": "gristmill.selectors.mix:Mix",
     "sample": "gristmill.selectors.sample:Sample",
     "top_fraction": "gristmill.selectors.top_fraction:TopFraction",
