@@ -1,8 +1,7 @@
-"""Every recipe in recipes/ runs as shipped once `gristmill examples` (and the demo corpus) built its inputs."""
+"""Every shipped recipe (gristmill/recipes/) runs as shipped once `gristmill examples` (and the demo corpus) built its inputs."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pyarrow as pa
@@ -11,21 +10,21 @@ import pytest
 import torch
 import yaml
 
+from gristmill import recipes
 from gristmill.pipeline.cli import main
 from gristmill.pipeline.demo import build_demo_corpus
 from gristmill.pipeline.examples import EXAMPLES, build_examples
 from gristmill.pipeline.recipe import check_recipe, load_recipe
 from gristmill.pipeline.runner import run_recipe
 
-RECIPES = Path(__file__).resolve().parent.parent / "recipes"
-
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A copy of recipes/ with every example built beside it (the demo corpus kept small)."""
+    """The shipped recipes copied to root/recipes, every example built beside them (the demo
+    corpus kept small)."""
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("examples")
-    shutil.copytree(RECIPES, root / "recipes")
+    recipes.install(recipes.names(), root)
     build_demo_corpus(root / "data" / "demo", limit_files=40, shards_per_domain=1)
     build_examples(list(EXAMPLES), root)
     return root
@@ -35,9 +34,9 @@ def _shards(out: Path) -> pa.Table:
     return pa.concat_tables(pq.read_table(f) for f in sorted((out / "shards").glob("*.parquet")))
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in RECIPES.glob("*.yaml")))
+@pytest.mark.parametrize("name", recipes.names())
 def test_every_shipped_recipe_passes_check_with_example_data(root: Path, name: str) -> None:
-    lines = check_recipe(load_recipe(root / "recipes" / name))
+    lines = check_recipe(load_recipe(root / "recipes" / f"{name}.yaml"))
     assert lines[0].startswith("sources[0]: ")
     assert int(lines[0].split()[1]) >= 1  # files found under root/data
     assert any(line.startswith(f"output: {root / 'out'}") for line in lines)
@@ -112,5 +111,5 @@ def test_cli_prints_what_it_built_and_the_next_command(root: Path,
 
 
 def test_unknown_example_is_refused_with_the_valid_names(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="valid: grape, preselect, distill, all"):
+    with pytest.raises(ValueError, match="valid: grape, preselect, distill, mix, all"):
         build_examples(["grapes"], tmp_path)

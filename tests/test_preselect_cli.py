@@ -115,10 +115,9 @@ def test_train_on_missing_file_exits_2(tmp_path, capsys):
 
 @pytest.mark.parametrize("name", ["preselect_probe.yaml", "preselect_select.yaml"])
 def test_shipped_recipes_validate(name):
-    from pathlib import Path
-
+    from gristmill import recipes
     from gristmill.pipeline.recipe import load_recipe
 
-    recipe = load_recipe(Path(__file__).parents[1] / "recipes" / name)
+    recipe = load_recipe(recipes.path(name))
     types = [s.type_name for s in recipe.build_stages()]
     assert types[-1] in ("preselect_label", "top_fraction")

@@ -108,8 +108,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("demo", help="build the demo corpus and run recipes/demo.yaml",
                        description="Build a small multi-domain corpus from the Python standard "
-                       "library (no network) and run the demo recipe on it.")
-    p.add_argument("--root", default=".", help="repository root (holds recipes/demo.yaml)")
+                       "library (no network) and run the demo recipe on it. Works in any "
+                       "folder: the shipped recipe is copied to OUT/recipes/demo.yaml (an "
+                       "existing copy is used), the corpus goes to OUT/data/demo, the output "
+                       "to OUT/out/demo.")
+    p.add_argument("--out", "--root", dest="root", default=".",
+                   help="working folder for recipes/, data/ and out/ (default: the current one)")
     p.add_argument("--engine", choices=["local", "dask", "beam"])
     p.add_argument("--workers", type=int)
     p.set_defaults(func=_demo)

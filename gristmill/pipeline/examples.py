@@ -1,4 +1,8 @@
-"""``gristmill examples``: build, offline, the inputs the example recipes in ``recipes/`` read.
+"""``gristmill examples``: the example recipes and, built offline, the inputs they read.
+
+The recipes ship inside the package (:mod:`gristmill.recipes`); ``gristmill
+examples`` copies each example's recipes to ``ROOT/recipes/`` (an existing copy
+is kept) and builds its inputs, so it works from an installed wheel in any folder.
 
 Everything is generated here or ships with a package; nothing is downloaded.
 Each example lands under ``ROOT/data/`` and is skipped when already complete
@@ -20,6 +24,9 @@ Each example lands under ``ROOT/data/`` and is skipped when already complete
   under that family, so the select recipe runs without the probe first.
 - ``distill`` (``recipes/distill_digits.yaml``): scikit-learn's bundled 8x8
   digits as ``data/digits/digits.jsonl`` (id, text, features, label).
+- ``mix`` (``recipes/mix_unimax.yaml``, ``mix_cooldown.yaml``,
+  ``mix_scalarization.yaml``): the demo corpus (``data/demo``, as ``gristmill
+  demo`` builds it).
 
 Example
 -------
@@ -44,12 +51,17 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-EXAMPLES = ("grape", "preselect", "distill")
+EXAMPLES = ("grape", "preselect", "distill", "mix")
+# the shipped recipes (gristmill/recipes/) each example's inputs are for
 NEXT = {
-    "grape": ["recipes/grape.yaml"],
-    "preselect": ["recipes/preselect_probe.yaml", "recipes/preselect_select.yaml"],
-    "distill": ["recipes/distill_digits.yaml"],
+    "grape": ["grape"],
+    "preselect": ["preselect_probe", "preselect_select"],
+    "distill": ["distill_digits"],
+    "mix": ["mix_unimax", "mix_cooldown", "mix_scalarization"],
 }
+# the extras (gristmill/extras.py) each builder needs: tiny LMs, fastText, the digits
+EXTRAS_NEEDED = {"grape": ("torch",), "preselect": ("torch", "fasttext"),
+                 "distill": ("distill",), "mix": ()}
 MARKER = ".complete"
 SEQ_LEN = 64  # training window of the tiny example models (their context is one more)
 
@@ -412,8 +424,25 @@ def build_distill(data: Path) -> list[Path]:
     return [path]
 
 
+def build_mix(data: Path) -> list[Path]:
+    """The demo corpus (``data/demo``) that the mixture recipes read.
+
+    Parameters
+    ----------
+    data : Path
+
+    Returns
+    -------
+    list of Path
+    """
+    from gristmill.pipeline.demo import build_demo_corpus
+
+    return [build_demo_corpus(data / "demo")]
+
+
 BUILDERS: dict[str, Callable[[Path], list[Path]]] = {
-    "grape": build_grape, "preselect": build_preselect, "distill": build_distill}
+    "grape": build_grape, "preselect": build_preselect, "distill": build_distill,
+    "mix": build_mix}
 
 
 def example_built(name: str, root: str | Path = ".") -> bool:
@@ -421,6 +450,8 @@ def example_built(name: str, root: str | Path = ".") -> bool:
     data = Path(root) / "data"
     if name == "distill":
         return (data / "digits" / "digits.jsonl").exists()
+    if name == "mix":
+        return (data / "demo" / ".complete").exists()
     return (data / name / MARKER).exists()
 
 
@@ -447,10 +478,17 @@ def build_examples(names: list[str], root: str | Path = ".") -> dict[str, list[P
 
 
 def _cli(args: argparse.Namespace) -> int:
-    from transformers.utils import logging as hf_logging
+    from gristmill import recipes
+    from gristmill.extras import require
 
-    hf_logging.disable_progress_bar()  # per-file save/load bars of the tiny models
     names = list(EXAMPLES) if args.example == "all" else [args.example]
+    for name in names:  # before anything is built
+        for extra in EXTRAS_NEEDED[name]:
+            require(extra, f"gristmill examples {name}")
+    if any("torch" in EXTRAS_NEEDED[n] for n in names):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # per-file save/load bars of the tiny models
     root = Path(args.root)
     for name in names:
         t0 = time.time()
@@ -459,18 +497,23 @@ def _cli(args: argparse.Namespace) -> int:
         print(f"{name}: " + ("already built" if before else f"built in {time.time() - t0:.1f} s"))
         for p in paths:
             print(f"  {p}")
-        runs = " && ".join(f"gristmill run {root / r if args.root != '.' else r}"
-                           for r in NEXT[name])
-        print(f"  next: {runs}")
+        installed = recipes.install(NEXT[name], root)
+        for i in installed:
+            if i.status == "edited":
+                print(f"  kept your {i.path} (it differs from the shipped recipe)")
+        print("  next: " + " && ".join(f"gristmill run {i.path}" for i in installed))
     return 0
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``gristmill examples``."""
-    p = sub.add_parser("examples", help="build the inputs of the example recipes (offline)",
-                       description="Build, offline and idempotently, the data and tiny models the "
-                       "example recipes in recipes/ read, under ROOT/data/. See docs/examples.md.")
+    p = sub.add_parser("examples", help="write the example recipes and build their inputs "
+                       "(offline)",
+                       description="Copy the example recipes to OUT/recipes/ (an existing copy "
+                       "is kept) and build, offline and idempotently, the data and tiny models "
+                       "they read under OUT/data/. See docs/examples.md.")
     p.add_argument("example", nargs="?", default="all", choices=[*EXAMPLES, "all"],
                    help="which example (default: all)")
-    p.add_argument("--root", default=".", help="folder holding recipes/ (data goes to ROOT/data)")
+    p.add_argument("--out", "--root", dest="root", default=".",
+                   help="working folder for recipes/, data/ and out/ (default: the current one)")
     p.set_defaults(func=_cli)
