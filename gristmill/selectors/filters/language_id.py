@@ -45,10 +45,13 @@ def langid_languages() -> tuple[str, ...]:
 
 def load_identifier(languages: list[str] | None):
     """A langid identifier, restricted to ``languages`` when given (faster and,
-    when the corpus holds only those, more accurate)."""
-    from langid.langid import LanguageIdentifier, model
+    when the corpus holds only those, more accurate). The model is decoded
+    once per process and shared (read-only) by every identifier."""
+    from langid.langid import LanguageIdentifier
 
-    ident = LanguageIdentifier.from_modelstring(model, norm_probs=True)
+    full = _full_identifier()
+    ident = LanguageIdentifier(full.nb_ptc, full.nb_pc, full.nb_numfeats, full.nb_classes,
+                               full.tk_nextmove, full.tk_output, norm_probs=True)
     if languages:
         ident.set_languages(list(languages))
     return ident

@@ -32,6 +32,7 @@ from pydantic import Field
 
 from gristmill.pipeline.stage import RowStage, StageOutput, StageParams, split_batch
 
+_HOST = re.compile(r"^[\w-]+(?:\.[\w-]+)+$")
 _NON_WORD = re.compile(r"[^0-9a-zA-Z\u00c0-\uffff]+")
 
 
@@ -70,6 +71,8 @@ def url_host(url: str) -> str | None:
     if not host:
         return None
     host = host.rstrip(".")
+    if not _HOST.match(host):
+        return None
     return host[4:] if host.startswith("www.") else host
 
 
