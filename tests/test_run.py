@@ -133,7 +133,9 @@ def test_report_and_stats_are_written(recipe_factory, tmp_path):
     run_recipe(recipe_factory(), progress=False)
     out = tmp_path / "out"
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 3  # funnel, lengths, domains
+    for section in ("funnel", "lengths", "domains"):  # inline SVG charts, no images
+        assert f'<section id="{section}">' in html
+    assert html.count("<svg ") >= 3 and "<img" not in html
     stats = json.loads((out / "stats.json").read_text())
     assert sum(stats["length_hist_in"]) == 480
     assert sum(v[0] for v in stats["domains_out"].values()) == stats["counts"]["kept"]

@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from gristmill.pipeline import observe
 from gristmill.pipeline.stage import GlobalStage, RowStage, ShuffleStage, Stage, StageOutput
 
 # log-spaced character-length bins shared by every histogram, so they merge
@@ -33,6 +34,10 @@ class Segment:
     entry: Stage | None  # barrier whose apply() starts the segment
     rows: list[RowStage]
     exit: Stage | None  # barrier summarized (global) or keyed (shuffle) at the end
+    #: per stage name, the text-redacting stages at or after it (see ``observe``)
+    redactors: dict[str, list[Stage]] = field(default_factory=dict)
+    #: columns any stage of the recipe declares it adds (score columns)
+    score_columns: tuple[str, ...] = ()
 
     @property
     def stages(self) -> list[Stage]:
@@ -57,6 +62,12 @@ def plan_segments(stages: list[Stage]) -> list[Segment]:
         else:
             raise TypeError(f"stage {stage.name!r} is neither row, global nor shuffle")
     segments.append(Segment(len(segments), entry, rows, None))
+    redactors = {st.name: [r for r in stages[i:] if observe.redacts_text(r)]
+                 for i, st in enumerate(stages)}
+    declared = tuple(dict.fromkeys(c for st in stages for c in st.output_columns()))
+    for seg in segments:
+        seg.redactors = redactors
+        seg.score_columns = declared
     return segments
 
 
@@ -74,6 +85,11 @@ class TaskStats:
     length_hist_out: np.ndarray | None = None
     domains_in: dict[str, list[int]] = field(default_factory=dict)
     domains_out: dict[str, list[int]] = field(default_factory=dict)
+    #: stage -> phase -> [wall s, CPU s]; and what ``observe`` records
+    timings: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    samples: dict[str, Any] = field(default_factory=dict)
+    columns: dict[str, Any] = field(default_factory=dict)
+    clusters: dict[str, Any] = field(default_factory=dict)
 
     def count(self, stage: str, n_in: int, out: StageOutput) -> None:
         c = self.counts.setdefault(stage, {"in": 0, "kept": 0, "added": 0, "dropped": {}})
@@ -124,6 +140,10 @@ class TaskStats:
                 a = getattr(self, f"domains_{where}").setdefault(k, [0, 0])
                 a[0] += docs
                 a[1] += chars
+        observe.merge_timings(self.timings, other.timings)
+        observe.merge_samples(self.samples, other.samples)
+        observe.merge_columns(self.columns, other.columns)
+        observe.merge_clusters(self.clusters, other.clusters)
         return self
 
     def to_json(self) -> dict[str, Any]:
@@ -135,6 +155,10 @@ class TaskStats:
             np.asarray(self.length_hist_out).tolist(),
             "domains_in": self.domains_in,
             "domains_out": self.domains_out,
+            "timings": self.timings,
+            "samples": self.samples,
+            "columns": self.columns,
+            "clusters": self.clusters,
         }
 
     @classmethod
@@ -145,25 +169,48 @@ class TaskStats:
                    length_hist_out=None if d["length_hist_out"] is None
                    else np.asarray(d["length_hist_out"]),
                    domains_in={k: list(v) for k, v in d["domains_in"].items()},
-                   domains_out={k: list(v) for k, v in d["domains_out"].items()})
+                   domains_out={k: list(v) for k, v in d["domains_out"].items()},
+                   timings=d.get("timings", {}), samples=d.get("samples", {}),
+                   columns=d.get("columns", {}), clusters=d.get("clusters", {}))
 
 
 def run_segment_batch(segment: Segment, batch: pa.Table, entry_state: Any, stats: TaskStats,
                       dropped: list[pa.Table] | None) -> pa.Table:
-    """Send one batch through the segment's entry apply and row stages; return the kept rows."""
+    """Send one batch through the segment's entry apply and row stages; return the kept rows.
+
+    Times every stage call and lets ``observe`` sample what it kept and dropped;
+    the rows leaving the last segment are the output, whose score columns are
+    sampled as ``kept``.
+    """
     for stage in segment.stages:
         if batch.num_rows == 0:
             break
         n_in = batch.num_rows
-        if stage is segment.entry:
-            out = stage.apply(batch, entry_state)  # type: ignore[union-attr]
-        else:
-            out = stage.process(batch)  # type: ignore[union-attr]
+        entry = stage is segment.entry
+        with observe.clock(stats.timings, stage.name, "apply" if entry else "process"):
+            if entry:
+                out = stage.apply(batch, entry_state)  # type: ignore[union-attr]
+            else:
+                out = stage.process(batch)  # type: ignore[union-attr]
         stats.count(stage.name, n_in, out)
+        with observe.clock(stats.timings, "(observe)", "samples"):
+            observe.observe_stage(stats, stage, batch, out, entry_state if entry else None,
+                                  segment.redactors.get(stage.name, []))
         if dropped is not None and out.dropped.num_rows:
             dropped.append(out.dropped)
         batch = out.kept
+    if segment.is_last and batch.num_rows and segment.stages:
+        with observe.clock(stats.timings, "(observe)", "samples"):
+            observe.observe_columns(stats.columns, batch, _kept_columns(batch, segment),
+                                    "kept", segment.stages[0].seed)
     return batch
+
+
+def _kept_columns(batch: pa.Table, segment: Segment) -> list[str]:
+    """Score columns of the output: every number column and the declared string ones."""
+    return [f.name for f in batch.schema
+            if f.name in segment.score_columns or pa.types.is_integer(f.type)
+            or pa.types.is_floating(f.type) or pa.types.is_boolean(f.type)]
 
 
 def partition_keys(keys: pa.Table, partitions: int) -> list[pa.Table]:

@@ -20,7 +20,9 @@ stage (``scores_from: <its name>``: columns ``<name>_response_logprob`` and
 
 Kept rows get ``<name>_index`` (which candidate won, 0-based),
 ``<name>_source`` (its ``response_sources`` entry, null when none),
-``<name>_score`` and ``response`` (the winning text), so the written shards
+``<name>_score``, ``<name>_margin`` (``s`` of the winner minus ``s`` of the
+runner-up, null with fewer than two scorable candidates: how clear the choice
+was) and ``response`` (the winning text), so the written shards
 are SFT pairs (prompt, response). Ties go to the lowest index. Rows with no
 candidate (or none with at least one token under ``mean``) are dropped with
 reason ``no_scorable_response``.
@@ -91,6 +93,27 @@ def best_responses(
     return index, score
 
 
+def score_margins(logprob: Sequence[np.ndarray], tokens: Sequence[np.ndarray],
+                  reduction: Literal["mean", "sum"] = "mean") -> np.ndarray:
+    """Best minus second-best candidate score per instruction (NaN when fewer
+    than two candidates can be scored); scores as in ``best_responses``.
+
+    Examples
+    --------
+    >>> float(score_margins([np.array([-2.0, -6.0, -1.0])], [np.array([1, 10, 1])])[0])
+    0.4
+    """
+    out = np.full(len(logprob), np.nan)
+    for i, (lp, tk) in enumerate(zip(logprob, tokens, strict=True)):
+        lp = np.asarray(lp, dtype=np.float64)
+        tk = np.asarray(tk, dtype=np.float64)
+        s = np.where(tk > 0, lp / np.maximum(tk, 1), -np.inf) if reduction == "mean" else lp
+        s = np.sort(s[np.isfinite(s)])
+        if s.size >= 2:
+            out[i] = s[-1] - s[-2]
+    return out
+
+
 class GrapeParams(ScoringParams):
     """Parameters of the ``grape`` stage.
 
@@ -134,6 +157,7 @@ class Grape(RowStage):
 
     type_name = "grape"
     Params = GrapeParams
+    extras = ("torch",)
 
     def check(self, base_dir: str) -> None:
         m = self.params.model
@@ -155,7 +179,8 @@ class Grape(RowStage):
         return cols
 
     def output_columns(self) -> tuple[str, ...]:
-        return (f"{self.name}_index", f"{self.name}_source", f"{self.name}_score", "response")
+        return (f"{self.name}_index", f"{self.name}_source", f"{self.name}_score",
+                f"{self.name}_margin", "response")
 
     def _scores(self, batch: pa.Table, responses: list[list[str]]
                 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -179,6 +204,7 @@ class Grape(RowStage):
         responses = [r or [] for r in batch.column(p.responses_column).to_pylist()]
         lp, tk = self._scores(batch, responses)
         index, score = best_responses(lp, tk, p.reduction)
+        margin = score_margins(lp, tk, p.reduction)
         sources = (batch.column(p.sources_column).to_pylist()
                    if p.sources_column in batch.column_names else [None] * batch.num_rows)
         chosen = [r[k] if k >= 0 else None for r, k in zip(responses, index, strict=True)]
@@ -188,6 +214,8 @@ class Grape(RowStage):
         for col, arr in ((f"{self.name}_index", pa.array(index, pa.int32())),
                          (f"{self.name}_source", pa.array(source, pa.string())),
                          (f"{self.name}_score", pa.array(score, pa.float64(), mask=index < 0)),
+                         (f"{self.name}_margin", pa.array(margin, pa.float64(),
+                                                          mask=np.isnan(margin))),
                          ("response", pa.array(chosen, pa.string()))):
             if col in out.column_names:
                 out = out.set_column(out.schema.get_field_index(col), col, arr)

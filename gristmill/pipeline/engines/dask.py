@@ -26,6 +26,7 @@ from typing import Any
 import pyarrow as pa
 from tqdm.auto import tqdm
 
+from gristmill.pipeline import observe
 from gristmill.pipeline.engines.local import (
     EngineResult,
     _load_state,
@@ -42,6 +43,14 @@ from gristmill.pipeline.writers import atomic_write_bytes
 def _reduce_partition(recipe: Recipe, work: Path, segment: int, task_indices: list[int],
                       partition: int, stage_name: str) -> pa.Table | None:
     """Read one key partition from every task's spill and reduce it (runs on a worker)."""
+    started = observe.start_clock()
+    reduced = _reduce_files(recipe, work, segment, task_indices, partition, stage_name)
+    observe.save_barrier_time(work, stage_name, "barrier", started)
+    return reduced
+
+
+def _reduce_files(recipe: Recipe, work: Path, segment: int, task_indices: list[int],
+                  partition: int, stage_name: str) -> pa.Table | None:
     parts = []
     for t in task_indices:
         f = task_dir(work, segment, t) / f"keys-{partition:04d}.arrow"
@@ -111,7 +120,9 @@ class DaskEngine:
         if isinstance(stage, GlobalStage):
             futs = [client.submit(_load_summary, work, segment_index, t.index, pure=False)
                     for t in tasks]
+            started = observe.start_clock()
             state = stage.finalize(merge_all(stage, client.gather(futs)))
+            observe.save_barrier_time(work, stage.name, "barrier", started)
         elif isinstance(stage, ShuffleStage):
             indices = [t.index for t in tasks]
             futs = [client.submit(_reduce_partition, self.recipe, work, segment_index, indices,
@@ -119,7 +130,9 @@ class DaskEngine:
                     for p in range(self.recipe.engine.shuffle_partitions)]
             reduced = [r for r in self._gather(client, futs, f"reduce [{stage.name}]")
                        if r is not None]
+            started = observe.start_clock()
             state = stage.resolve(pa.concat_tables(reduced) if reduced else None)
+            observe.save_barrier_time(work, stage.name, "barrier", started)
         else:
             raise TypeError(f"stage {stage.name!r} is no barrier")
         atomic_write_bytes(state_path, pickle.dumps(state))
