@@ -9,6 +9,7 @@ import pytest
 import torch
 from sklearn.cluster import KMeans
 from sklearn.datasets import load_digits
+from torch import nn
 
 from gristmill.trainers.distill import (
     DistillConfig,
@@ -107,11 +108,38 @@ def test_representative_init_picks_the_real_sample_nearest_each_kmeans_centre():
         assert all(labels[i] == c for i in idx[3 * c:3 * c + 3])
 
 
-def test_weight_perturbation_moves_each_filter_by_the_set_fraction():
+def test_ast_weight_perturbation_matches_hand_computed_example():
+    # One 1x1x2x2 conv kernel, a bias, a linear layer: the AST code's W + a (D/||D||_F) * W
+    # on the kernel only, with D the generator's first draw of the kernel's shape.
+    model = nn.Sequential(nn.Conv2d(1, 1, 2), nn.Flatten(), nn.Linear(1, 2))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[[[1.0, -2.0], [0.5, 4.0]]]]))
+    flat = FlatParams(model)
+    params = flat.flatten()
+    d = torch.randn((1, 1, 2, 2), generator=torch.Generator().manual_seed(7), dtype=params.dtype)
+    w = torch.tensor([1.0, -2.0, 0.5, 4.0])
+    expect = w + 0.5 * d.reshape(-1) / d.norm() * w
+    moved = perturb_weights(params, flat, 0.5, torch.Generator().manual_seed(7), mode="ast")
+    assert torch.allclose(moved[:4], expect.to(params.dtype))
+    # by hand: element k moved by 0.5 * w_k * d_k / ||d||
+    for k in range(4):
+        assert float(moved[k] - params[k]) == pytest.approx(0.5 * float(w[k] * d.reshape(-1)[k] / d.norm()))
+    assert torch.equal(moved[4:], params[4:])  # bias and linear layer untouched
+
+
+def test_ast_weight_perturbation_leaves_an_mlp_unchanged_and_filter_mode_moves_it():
+    flat = FlatParams(build_model("mlp", (64,), 10, width=16, depth=1, seed=0))
+    params = flat.flatten()
+    assert torch.equal(perturb_weights(params, flat, 1.0, torch.Generator().manual_seed(0)), params)
+    assert not torch.equal(perturb_weights(params, flat, 0.01, torch.Generator().manual_seed(0), "filter"),
+                           params)
+
+
+def test_filter_weight_perturbation_moves_each_filter_by_the_set_fraction():
     model = build_model("convnet", (1, 8, 8), 10, width=4, depth=1, seed=0)
     flat = FlatParams(model)
     params = flat.flatten()
-    moved = perturb_weights(params, flat, 0.05, torch.Generator().manual_seed(1))
+    moved = perturb_weights(params, flat, 0.05, torch.Generator().manual_seed(1), mode="filter")
     weights = set()
     for where, shape in flat.weight_slices():
         before = params[where].view(shape[0], -1)

@@ -44,16 +44,23 @@ arXiv:2310.10541), each switchable in ``DistillConfig``:
     matched to ``theta*_{t+i}`` with the same normalised loss and the terms
     are added to ``L`` with weight 1 (the code's ``agg_middle_loss``).
 ``weight_perturb`` (weight perturbation of the start point)
-    ``theta_0 = theta*_t + epsilon * d`` with a Gaussian direction ``d`` that is
-    filter-normalised as in Li et al., "Visualizing the Loss Landscape of
-    Neural Nets" (2018): for every weight matrix or kernel and every output
-    filter ``j``, ``d_j <- d_j / ||d_j|| * ||theta_j||``, biases and norm
-    parameters left unchanged. So each filter moves by exactly
-    ``epsilon * ||theta_j||``. The AST code instead divides ``d`` by the
-    Frobenius norm of the whole layer and multiplies it elementwise by the
-    weights (conv kernels only), which makes the size of the move depend on the
-    layer's element count and leaves an MLP untouched; we use the
-    filter-normalised form so ``perturb_scale`` means the same in every layer.
+    ``perturb_mode="ast"`` (default) follows the AST code
+    (github.com/shenjiyuan123/AST-Alignment-with-Smooth-Expert, ``distill.py``,
+    ``weightPerturb``): for every convolution kernel ``W`` (4-D) of the start
+    point, with ``D ~ N(0, I)`` of W's shape::
+
+        W <- W + alpha * (D / ||D||_F) * W          (elementwise product)
+
+    and every other parameter (biases, norm parameters, linear layers) left
+    as it is, so **an MLP is not perturbed at all**; ``alpha`` =
+    ``perturb_scale`` (default 1, the code's value). Each element moves by
+    ``|W_ij| |D_ij| / ||D||_F``, about ``|W_ij| / sqrt(numel(W))``. The paper's
+    text describes the perturbation only in words; we follow the code.
+    ``perturb_mode="filter"`` is the filter-normalised Gaussian direction of
+    Li et al., "Visualizing the Loss Landscape of Neural Nets" (2018): for
+    every weight matrix or kernel and every output filter ``j``,
+    ``d_j <- d_j / ||d_j|| * ||theta_j||`` and ``theta_j <- theta_j +
+    perturb_scale * d_j`` (default scale 0.01), which does move an MLP.
 ``student_momentum`` (momentum in the student's inner loop)
     ``b_0 = g_0``, ``b_n = mu * b_{n-1} + g_n``, ``theta_{n+1} = theta_n - alpha * b_n``
     (AST code, no Nesterov); ``mu = 0`` is MTT's plain SGD.
@@ -93,6 +100,8 @@ from gristmill.trainers.experts import ExpertConfig, ExpertTrajectories, train_e
 MIN_LR = 1e-6
 
 InitKind = Literal["representative", "real", "noise"]
+PerturbMode = Literal["ast", "filter"]
+PERTURB_SCALE = {"ast": 1.0, "filter": 0.01}
 
 
 class DistillConfig(BaseModel):
@@ -114,8 +123,11 @@ class DistillConfig(BaseModel):
     balanced_loss: bool = Field(True, description="AST balanced inner-loop loss")
     intermediate_matching: bool = Field(True, description="AST intermediate matching loss")
     weight_perturb: bool = Field(True, description="AST weight perturbation of the start point")
-    perturb_scale: float = Field(0.01, ge=0, le=10,
-                                 description="relative size of the perturbation per filter")
+    perturb_mode: PerturbMode = Field("ast", description="ast: the AST code's W + a (D/||D||_F) W on "
+                                      "conv kernels only; filter: Li et al.'s filter-normalised noise")
+    perturb_scale: float | None = Field(None, ge=0, le=10,
+                                        description="alpha of the perturbation (default: 1 for ast, "
+                                                    "0.01 for filter)")
     student_momentum: float = Field(0.9, ge=0, lt=1, description="student momentum mu (0 = off)")
     seed: int = Field(0, description="seed of every random choice of the distillation")
 
@@ -161,14 +173,27 @@ def intermediate_targets(syn_steps: int, expert_epochs: int) -> dict[int, int]:
 
 
 def perturb_weights(params: torch.Tensor, flat: FlatParams, scale: float,
-                    generator: torch.Generator) -> torch.Tensor:
-    """Filter-normalised Gaussian perturbation (Li et al., 2018) of the weights in ``params``.
+                    generator: torch.Generator, mode: PerturbMode = "ast") -> torch.Tensor:
+    """Perturb the start point ``params`` (module docstring, ``weight_perturb``).
 
-    Every output filter ``j`` of every weight matrix or kernel moves by exactly
-    ``scale * ||theta_j||``; biases and normalisation parameters are unchanged.
+    ``mode="ast"``: every conv kernel W (4-D) becomes W + scale (D / ||D||_F) ⊙ W,
+    D ~ N(0, I), as the AST code does; all other parameters are unchanged (an
+    MLP is returned as it is). ``mode="filter"``: every output filter j of every
+    weight matrix or kernel moves by exactly ``scale * ||theta_j||`` in a
+    Gaussian direction (Li et al. 2018); biases and norm parameters unchanged.
     """
+    if mode not in ("ast", "filter"):
+        raise ValueError(f"mode must be ast or filter, got {mode!r}")
     out = params.clone()
     for where, shape in flat.weight_slices():
+        if mode == "ast":
+            if len(shape) != 4:
+                continue
+            weights = params[where]
+            direction = torch.randn(weights.shape, generator=generator, dtype=weights.dtype)
+            direction = direction / direction.norm().clamp_min(1e-12)
+            out[where] = weights + scale * direction * weights
+            continue
         weights = params[where].view(shape[0], -1)
         direction = torch.randn(weights.shape, generator=generator, dtype=weights.dtype)
         direction = direction / direction.norm(dim=1, keepdim=True).clamp_min(1e-12)
@@ -322,7 +347,9 @@ def distill(x: torch.Tensor, y: torch.Tensor, trajectories: ExpertTrajectories, 
         start_epoch = int(rng.integers(config.max_start_epoch))
         start = trajectory[start_epoch]
         if config.weight_perturb:
-            start = perturb_weights(start, flat, config.perturb_scale, gen)
+            scale = config.perturb_scale if config.perturb_scale is not None \
+                else PERTURB_SCALE[config.perturb_mode]
+            start = perturb_weights(start, flat, scale, gen, config.perturb_mode)
         target = trajectory[start_epoch + config.expert_epochs]
         weight = (balanced_loss_weight(start_epoch, config.max_start_epoch)
                   if config.balanced_loss else 1.0)

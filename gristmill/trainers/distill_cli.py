@@ -181,7 +181,7 @@ def _configs(args: argparse.Namespace) -> tuple:
         lr_images=args.lr_images, lr_lr=args.lr_lr, lr_init=args.lr_init, batch_syn=args.batch_syn,
         init=args.init, balanced_loss=args.balanced_loss,
         intermediate_matching=args.intermediate_matching, weight_perturb=args.weight_perturb,
-        perturb_scale=args.perturb_scale, student_momentum=args.student_momentum, seed=args.seed)
+        perturb_mode=args.perturb_mode, perturb_scale=args.perturb_scale, student_momentum=args.student_momentum, seed=args.seed)
     return experts, config
 
 
@@ -311,7 +311,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--balanced-loss", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--intermediate-matching", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--weight-perturb", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--perturb-scale", type=float, default=0.01)
+    p.add_argument("--perturb-mode", choices=["ast", "filter"], default="ast",
+                   help="ast: the AST code's W + a (D/||D||_F) W on conv kernels only (an MLP is "
+                        "not perturbed); filter: Li et al.'s filter-normalised noise")
+    p.add_argument("--perturb-scale", type=float, default=None,
+                   help="alpha of the perturbation (default 1 for ast, 0.01 for filter)")
     p.add_argument("--student-momentum", type=float, default=0.9, help="0 turns it off")
     p.add_argument("--experts", choices=("ast", "mtt"), default="ast", help="expert recipe")
     p.add_argument("--num-experts", type=int, default=5)
