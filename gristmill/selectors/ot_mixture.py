@@ -8,10 +8,23 @@ A training set is a mixture of m sources with ratios p on the simplex. Its
 distance to the target (validation) data is measured by optimal transport in
 an embedding space:
 
-    OT(p) = min_{P in Pi(a(p), b)} <P, M>,   M_jk = ||x_j - y_k||^2 ,
+    OT(p) = min_{P in Pi(a, b)} <P, M> .
 
-where the sample's point j from source s(j) weighs a_j = p_s / n_s (a mixture
-realized by reweighting per-source pools) and b is uniform over the target.
+As in the paper and its code, OT is computed on each pilot sample itself
+(``SampledMixtureOT``): the training set D(N, p) of N points, n_i = N p_i
+from source i, uniform weights a_j = 1/N, so the feature depends on N. Two
+ground costs:
+
+* ``cost="euclidean"`` (label-free OT): M_jk = ||x_j - y_k||^2;
+* ``cost="otdd"`` (label-aware, the distance the paper uses): OTDD of
+  Alvarez-Melis and Fusi (2020), M_jk = ||x_j - y_k||^2 + W_2^2(alpha_{l_j},
+  beta_{l_k}), the second term the exact OT between the class-conditionals
+  of the two points' labels (``class_wasserstein``).
+
+``MixtureOT`` is the older label-free variant that reweights fixed
+per-source pools to p (a_j = p_s / n_s) instead of drawing a sample; it is
+deterministic in p but does not depend on N.
+
 Up to ``exact_max`` points per side this is solved exactly with POT's network
 simplex (``ot.emd``); beyond, by the debiased Sinkhorn divergence
 (Feydy et al. 2019, "Interpolating between Optimal Transport and MMD using
@@ -24,15 +37,21 @@ optimal dual potentials (f, g).
 
 Gradient w.r.t. the mixture (the paper's optimization step, after LAVA): the dual
 potential f is the gradient of OT w.r.t. a (up to a constant), so with
-a_j = p_s / n_s
+a_j = p_s / n_s (raising p_s scales up the weights of source s's points, in
+a pool or in the sample)
 
     d OT / d p_i = (1 / n_i) sum_{j in source i} f_j         (exact, reweighting)
 
 and for the debiased divergence f is replaced by f_ab - f_aa. The paper writes
 the *calibrated* form (1/n_i)(sum_{j in i} f_j - n_i/(N - n_i) sum_{j not in i} f_j),
-the derivative along "raise p_i, lower the others in proportion"; both differ
-by a direction normal to the simplex or a rescaling of it, so projected
-gradient steps use the plain form (``calibrated_gradient`` gives the other).
+the derivative along "raise p_i, lower the others in proportion". With
+g_i the plain entries and g_bar = sum_k p_k g_k, it equals (g_i - g_bar) / (1 - p_i):
+the centred plain gradient with coordinate i stretched by 1 / (1 - p_i), the
+same signs but not the same direction. Projected gradient steps here use the
+plain form, the exact gradient on the simplex (``calibrated_gradient`` gives
+the other). The paper's notebook steps along the N0 gradient with a decaying
+rate 0.9^t instead of the projected one it computes; we follow the text
+(gradient of the projected predictor) with backtracking.
 
 Performance predictor at one data size N (the paper's "pseudo-quadratic" form):
 
