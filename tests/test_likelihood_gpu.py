@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -28,7 +30,11 @@ def test_cuda_bf16_scores_match_cpu_float32_and_report_the_cuda_backend(model_di
     gpu_model, _ = load_model(str(model_dir), device="cuda", dtype="bfloat16")
     ref = score_texts(cpu_model, tok, TEXTS, max_length=32, stride=16)
     got = score_texts(gpu_model, tok, TEXTS, max_length=32, stride=16)
-    assert got.backend in ("cuda", "torch")
+    # On a CUDA device the compiled op must run: a failed CUDA build (which
+    # falls back to "torch" with a warning) fails here, unless the torch
+    # reference was asked for explicitly.
+    expected = "torch" if os.environ.get("GRISTMILL_EXT") == "torch" else "cuda"
+    assert got.backend == expected
     assert got.tokens.tolist() == ref.tokens.tolist()
     # bf16 weights and activations: a few per mille of the per-token log-prob.
     assert got.mean_logprob == pytest.approx(ref.mean_logprob, rel=3e-2)
