@@ -2,29 +2,84 @@
 
 Memory is bounded by the block and batch size, never by the file. A bad
 record never stops a run: it is returned as a reject with the file, the line
-(JSONL, 1-based) or row (Parquet, 0-based) and the reason. A file that ends
-early (a truncated .gz or .zst) keeps what was read before the fault and is
-reported with status ``truncated``.
+(JSONL, 1-based) or row (Parquet, 0-based) and the reason. Nothing is cast to
+fit, and every table a reader yields passes ``pyarrow``'s full validation.
+
+JSONL, strictly
+    A line is a record when it is valid UTF-8 and valid JSON (RFC 8259, plus
+    the ``NaN``/``Infinity`` literals both parsers accept outside the fields we
+    read) whose top-level value is an object holding the main fields (``text``;
+    or ``prompt`` and a non-empty list of strings ``responses``) as strings.
+    Otherwise it is rejected with its reason: invalid UTF-8 (anywhere in the
+    line), malformed JSON, a lone surrogate escape (``"\\ud800"``, anywhere in
+    the line), a field read twice (``{"text": .., "text": ..}``), a missing or
+    non-string main field, ``response_sources`` not a list of strings as long
+    as ``responses``. Lines holding only spaces, tabs or ``\\r`` are not
+    records. A UTF-8 byte order mark at the very start of a file is skipped.
+
+    Two paths read a block of lines and they agree on every line: the fast
+    path (``pyarrow.json``) takes a block only when its bytes are valid UTF-8
+    and every line parsed to exactly one row with the main fields present;
+    any other block goes line by line through the careful path (``json``).
+    Nesting too deep for Python's ``json`` (a ``RecursionError``) is retried
+    with ``pyarrow.json`` on that one line, which has no depth limit, so a
+    record is kept or rejected whatever its neighbours are.
+
+Carried columns (``columns:``)
+    From Parquet a carried column keeps its Arrow type (struct, list, map,
+    anything), values unchanged. From JSONL a carried column is a string: a
+    JSON string value is carried as it is; any other JSON value as its
+    compact JSON text, ``json.dumps(v, ensure_ascii=False,
+    separators=(",", ":"), allow_nan=False)`` (so ``{"a": [1, 2]}`` becomes
+    ``'{"a":[1,2]}'``; numbers are written as Python's ``json`` writes them,
+    ``1.50`` as ``1.5``); ``null`` or a missing field is null; a value holding
+    ``NaN`` or an infinite number is rejected. The user's ``id`` and the
+    ``domain`` follow the same rule from JSONL.
+
+Parquet, strictly
+    ``text`` and ``prompt`` must be string columns (``string``,
+    ``large_string``, ``string_view`` or a dictionary of strings), and
+    ``responses``/``response_sources`` lists of strings; ``id`` and ``domain``
+    strings or integers (integers are written in decimal, as JSONL writes
+    them). A column of any other type rejects the whole file: every row is
+    counted as read and rejected, with one reject line naming the column, its
+    type and the row count. Null main fields, empty response lists and
+    invalid UTF-8 in any column read are rejected per row.
+
+Compressed and damaged files
+    ``.gz`` (multi-member) and ``.zst`` (multi-frame) are decompressed from
+    small compressed reads, so a file that ends early (status ``truncated``)
+    keeps every line that the decompressor could recover before the end, down
+    to the last complete line; the incomplete last line is a reject. Corrupt
+    compressed data (status ``corrupt``) keeps what was decoded before the
+    fault (for gzip exactly up to the bad byte; for zstd up to the last 64 KiB
+    of compressed input before it). A Parquet file that fails mid-read keeps
+    the batches before the fault (status ``corrupt``, the error says after
+    which row). The manifest's file entry carries status and error.
 
 Row identity: every record gets the pipeline's row key (``stage.ROW_KEY``, a
 uint64 of the input file's index and the line or row number), unique by
-construction. The user's id is data: the mapped id field when the source has
-one, else ``<file>:<line>`` (``<file>:<row>`` for Parquet), where ``<file>``
-is the input file's path relative to the recipe folder, so derived ids never
-collide between files of one source.
+construction; a rejected line's key is never given to another record, and kept
+records keep their own line or row number. The user's id is data: the mapped
+id field when the source has one, else ``<file>:<line>`` (``<file>:<row>`` for
+Parquet), where ``<file>`` is the input file's path relative to the recipe
+folder, so derived ids never collide between files of one source.
 """
 
 from __future__ import annotations
 
-import gzip
 import io
 import json
+import re
+import zlib
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 import zstandard
@@ -33,8 +88,13 @@ from gristmill.pipeline.recipe import SourceSpec
 from gristmill.pipeline.stage import KEY_POS_BITS, ROW_KEY, make_keys
 
 BLOCK_BYTES = 8 << 20
-READ_CHUNK = 256 << 10
+READ_CHUNK = 256 << 10  # decompressed bytes asked of a stream per read
+COMPRESSED_CHUNK = 64 << 10  # compressed bytes fed to a decompressor at a time
 MAX_RAW_CHARS = 100_000  # a reject keeps at most this much of the raw line
+BOM = b"\xef\xbb\xbf"
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_FIRST_BLANK = re.compile(rb"[ \t\r]*(?:\n|$)")
+_MID_BLANK = re.compile(rb"\n[ \t\r]*\n")
 
 
 def pretrain_schema(extra: list[str] | None = None) -> pa.Schema:
@@ -72,7 +132,7 @@ class FileReport:
     """What happened to one input file; goes into the manifest."""
 
     path: str
-    status: str = "ok"  # ok | empty | truncated | unreadable
+    status: str = "ok"  # ok | empty | truncated | corrupt | unreadable | rejected
     records: int = 0  # records read (good + rejected)
     rejected: int = 0
     bytes: int = 0
@@ -86,11 +146,85 @@ class FileReport:
             self.rejected += 1
             self.records += 1
 
+    def reject_rows(self, reason: str, rows: int) -> None:
+        """Reject every one of ``rows`` rows of the file with one reject line."""
+        self.status = "rejected"
+        self.error = reason
+        self.rejects.append({"source": self.path, "line": None, "rows": rows,
+                             "reason": reason, "raw": None})
+        self.records += rows
+        self.rejected += rows
+
     def file_error(self, status: str, error: str) -> None:
         self.status = status
         self.error = error
         self.rejects.append({"source": self.path, "line": None, "reason": f"{status}: {error}",
                              "raw": None})
+
+
+def _json_text(value: Any) -> str:
+    """The documented JSONL rule for carried values: strings as they are, else compact JSON."""
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+def _valid_utf8(data: bytes) -> bool:
+    if data.isascii():
+        return True
+    offsets = pa.array([0, len(data)], pa.int64()).buffers()[1]
+    arr = pa.Array.from_buffers(pa.large_string(), 1, [None, offsets, pa.py_buffer(data)])
+    try:
+        arr.validate(full=True)
+    except pa.ArrowInvalid:
+        return False
+    return True
+
+
+def _is_stringlike(t: pa.DataType) -> bool:
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+
+
+def _is_string_list(t: pa.DataType) -> bool:
+    return ((pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+             or pa.types.is_list_view(t) or pa.types.is_large_list_view(t))
+            and (_is_stringlike(t.value_type) or pa.types.is_null(t.value_type)))
+
+
+def _invalid_rows(col: pa.ChunkedArray | pa.Array) -> list[int]:
+    """Rows of ``col`` that fail full validation (invalid UTF-8 somewhere in them)."""
+    try:
+        col.validate(full=True)
+        return []
+    except pa.ArrowInvalid:
+        pass
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    bad = []
+    for i in range(len(arr)):
+        try:
+            arr.slice(i, 1).validate(full=True)
+        except pa.ArrowInvalid:
+            bad.append(i)
+    return bad
+
+
+class _DuplicateTracker:
+    """``object_pairs_hook`` that remembers the repeated keys of the last object closed.
+
+    ``json`` calls the hook innermost object first, so after ``decode`` returns
+    an object the remembered keys are those of the top-level object.
+    """
+
+    def __init__(self) -> None:
+        self.repeated: list[str] = []
+
+    def __call__(self, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        obj = dict(pairs)
+        self.repeated = ([k for k, n in Counter(k for k, _ in pairs).items() if n > 1]
+                         if len(obj) != len(pairs) else [])
+        return obj
 
 
 class _Normalizer:
@@ -103,11 +237,19 @@ class _Normalizer:
         self.schema = (pretrain_schema if spec.kind == "pretrain" else sft_schema)(spec.columns)
         f = spec.fields
         self.main = [f.text] if spec.kind == "pretrain" else [f.prompt, f.responses]
+        self.read_fields = set(self.parse_schema().names)
+        self.dups = _DuplicateTracker()
+        self.decoder = json.JSONDecoder(object_pairs_hook=self.dups)
 
+    # -- careful path: one parsed JSON line --------------------------------------------------
     def record(self, obj: Any, line: int, report: FileReport, raw: str) -> dict | None:
         f = self.spec.fields
         if not isinstance(obj, dict):
             report.reject(f"not a JSON object ({type(obj).__name__})", line, raw)
+            return None
+        twice = [k for k in self.dups.repeated if k in self.read_fields]
+        if twice:
+            report.reject(f"field {twice[0]!r} appears more than once", line, raw)
             return None
         out: dict[str, Any] = {}
         if self.kind == "pretrain":
@@ -131,54 +273,70 @@ class _Normalizer:
                 return None
             out["prompt"], out["responses"] = prompt, responses
             srcs = obj.get(f.response_sources) if f.response_sources else None
-            out["response_sources"] = ([str(s) for s in srcs] if isinstance(srcs, list)
-                                       and len(srcs) == len(responses) else None)
-        rid = obj.get(f.id) if f.id else None
-        out["id"] = str(rid) if rid is not None else f"{self.task.file_label}:{line}"
-        dom = obj.get(f.domain) if f.domain else None
-        out["domain"] = self.spec.domain or (str(dom) if dom is not None else None)
+            if srcs is not None and not (isinstance(srcs, list) and len(srcs) == len(responses)
+                                         and all(isinstance(s, str) for s in srcs)):
+                report.reject(f"field {f.response_sources!r} must be a list of strings as long "
+                              f"as {f.responses!r}", line, raw)
+                return None
+            out["response_sources"] = srcs
+        try:
+            rid = obj.get(f.id) if f.id else None
+            out["id"] = _json_text(rid) if rid is not None else f"{self.task.file_label}:{line}"
+            dom = obj.get(f.domain) if f.domain else None
+            out["domain"] = self.spec.domain or (_json_text(dom) if dom is not None else None)
+            for c in self.spec.columns:
+                v = obj.get(c)
+                out[c] = None if v is None else _json_text(v)
+        except ValueError:
+            report.reject("a carried value holds NaN or an infinite number, which JSON text "
+                          "cannot represent", line, raw)
+            return None
+        except RecursionError:
+            report.reject("a carried value nests too deeply to be written as JSON text", line, raw)
+            return None
         out["source"] = self.task.label
         out[ROW_KEY] = (self.task.index << KEY_POS_BITS) | line
-        for c in self.spec.columns:
-            v = obj.get(c)
-            out[c] = None if v is None else (v if isinstance(v, str) else json.dumps(v))
         return out
 
-    def finish_fast(self, table: pa.Table, first_line: int) -> pa.Table:
-        """Canonicalize a table parsed by pyarrow's JSON reader (fast path)."""
+    # -- fast path: a table parsed by pyarrow, or read from Parquet --------------------------
+    def assemble(self, table: pa.Table, positions: np.ndarray,
+                 carried_types: dict[str, pa.DataType] | None = None) -> pa.Table:
+        """Canonical table from source columns; ``positions`` are the rows' line/row numbers."""
         f = self.spec.fields
         n = table.num_rows
-        cols: dict[str, pa.Array] = {}
-        if f.id and f.id in table.column_names:
-            ids = table.column(f.id)
-        else:
-            ids = None
+        cols: dict[str, pa.Array | pa.ChunkedArray] = {}
+        names = table.column_names
+        ids = table.column(f.id) if f.id and f.id in names else None
         if ids is None or ids.null_count:
-            derived = pa.array([f"{self.task.file_label}:{first_line + i}" for i in range(n)])
-            ids = derived if ids is None else pa.compute.coalesce(ids, derived)
+            derived = pc.binary_join_element_wise(
+                pa.scalar(f"{self.task.file_label}:"),
+                pa.array(np.asarray(positions, dtype=np.int64)).cast(pa.string()), "")
+            ids = derived if ids is None else pc.coalesce(ids, derived)
         cols["id"] = ids
         if self.kind == "pretrain":
             cols["text"] = table.column(f.text)
         else:
             cols["prompt"] = table.column(f.prompt)
             cols["responses"] = table.column(f.responses)
-            if f.response_sources and f.response_sources in table.column_names:
+            if f.response_sources and f.response_sources in names:
                 cols["response_sources"] = table.column(f.response_sources)
             else:
                 cols["response_sources"] = pa.nulls(n, pa.list_(pa.string()))
         if self.spec.domain is not None:
             cols["domain"] = pa.array([self.spec.domain] * n, pa.string())
-        elif f.domain and f.domain in table.column_names:
+        elif f.domain and f.domain in names:
             cols["domain"] = table.column(f.domain)
         else:
             cols["domain"] = pa.nulls(n, pa.string())
         cols["source"] = pa.array([self.task.label] * n, pa.string())
-        cols[ROW_KEY] = make_keys(self.task.index, np.arange(first_line, first_line + n))
+        cols[ROW_KEY] = make_keys(self.task.index, positions)
+        schema = self.schema
         for c in self.spec.columns:
-            cols[c] = table.column(c) if c in table.column_names else pa.nulls(n, pa.string())
+            cols[c] = table.column(c) if c in names else pa.nulls(n, pa.string())
+            if carried_types and c in carried_types:
+                schema = schema.set(schema.get_field_index(c), pa.field(c, carried_types[c]))
         # from_arrays, not pa.table(): the latter probes for pandas and imports it
-        return pa.Table.from_arrays([cols[name] for name in self.schema.names],
-                                    schema=self.schema)
+        return pa.Table.from_arrays([cols[name] for name in schema.names], schema=schema)
 
     def parse_schema(self) -> pa.Schema:
         """Explicit schema for pyarrow's JSON reader: the fields we need, typed."""
@@ -202,38 +360,106 @@ class _Normalizer:
                 uniq.append((name, t))
         return pa.schema(uniq)
 
+    def fast_rows_ok(self, table: pa.Table) -> bool:
+        """Whether every row parsed by pyarrow is a record the careful path would keep as is."""
+        f = self.spec.fields
+        if any(table.column(c).null_count for c in self.main if c in table.column_names):
+            return False
+        if self.kind == "sft" and table.num_rows:
+            resp = table.column(f.responses)
+            lengths = pc.list_value_length(resp)
+            if pc.min(lengths).as_py() == 0 or pc.list_flatten(resp).null_count:
+                return False
+            if f.response_sources and f.response_sources in table.column_names:
+                srcs = table.column(f.response_sources)
+                if srcs.null_count < len(srcs):
+                    src_len = pc.list_value_length(srcs)
+                    same = pc.fill_null(pc.equal(src_len, lengths), True)
+                    if not pc.all(same).as_py() or pc.list_flatten(srcs).null_count:
+                        return False
+        return True
 
-class _ZstdStream(io.RawIOBase):
-    """Multi-frame zstd decompression that notices a truncated last frame.
 
-    ``ZstdDecompressor().stream_reader`` returns EOF quietly when the input
-    ends inside a frame; a truncated file must be reported, so we drive a
-    ``decompressobj`` per frame and check that the last one reached its end.
+class _StreamFault(Exception):
+    """A compressed stream ended early (``truncated``) or holds bad data (``corrupt``)."""
+
+    def __init__(self, status: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class _DecompressedStream(io.RawIOBase):
+    """gzip (multi-member) or zstd (multi-frame) decompression that loses nothing.
+
+    ``gzip.GzipFile`` and ``ZstdDecompressor().stream_reader`` either drop the
+    output of the read in which a fault happens or end quietly inside a frame.
+    Here the decompressor is fed small compressed chunks; output decoded
+    before a fault is returned first and the fault (``_StreamFault``) is raised
+    by the next ``read``. A gzip chunk that fails is replayed byte by byte
+    from a copy of the decompressor, so everything zlib can decode before the
+    bad byte comes out.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, kind: str) -> None:
         self._f = open(path, "rb")
-        self._dctx = zstandard.ZstdDecompressor()
-        self._obj = self._dctx.decompressobj()
-        self._in_frame = False
+        self._kind = kind
+        self._dec = self._new()
+        self._in_member = False
+        self._fault: _StreamFault | None = None
+
+    def _new(self) -> Any:
+        if self._kind == "gz":
+            return zlib.decompressobj(wbits=31)
+        return zstandard.ZstdDecompressor().decompressobj()
+
+    def _feed(self, data: bytes, out: bytearray) -> None:
+        while data:
+            self._in_member = True
+            out += self._dec.decompress(data)
+            if self._dec.eof:
+                self._in_member = False
+                data = self._dec.unused_data
+                self._dec = self._new()
+            else:
+                data = b""
+
+    def _feed_exact(self, chunk: bytes, out: bytearray) -> None:
+        """Feed ``chunk``; on corrupt data keep what was decoded before the bad byte."""
+        saved = self._dec.copy() if self._kind == "gz" else None
+        try:
+            self._feed(chunk, out)
+            return
+        except (zlib.error, zstandard.ZstdError) as e:
+            error = e
+        if saved is not None:
+            self._dec = saved
+            try:
+                for i in range(len(chunk)):
+                    self._feed(chunk[i:i + 1], out)
+            except zlib.error as e:
+                error = e
+        name = "gzip" if self._kind == "gz" else "zstd"
+        raise _StreamFault("corrupt", f"corrupt {name} data: {type(error).__name__}: {error}")
 
     def read(self, n: int = -1) -> bytes:
+        if self._fault is not None:
+            raise self._fault
         out = bytearray()
         while len(out) < max(n, 1):
-            chunk = self._f.read(1 << 20)
+            chunk = self._f.read(COMPRESSED_CHUNK)
             if not chunk:
-                if self._in_frame:
-                    raise EOFError("zstd stream ended inside a frame (truncated file)")
+                if self._in_member:
+                    name = "gzip member" if self._kind == "gz" else "zstd frame"
+                    self._fault = _StreamFault(
+                        "truncated", f"EOFError: file ends inside a {name} (truncated file)")
                 break
-            while chunk:
-                self._in_frame = True
-                out += self._obj.decompress(chunk)
-                if self._obj.eof:
-                    self._in_frame = False
-                    chunk = self._obj.unused_data
-                    self._obj = self._dctx.decompressobj()
-                else:
-                    chunk = b""
+            try:
+                self._feed_exact(chunk, out)
+            except _StreamFault as e:
+                self._fault = e
+                break
+        if not out and self._fault is not None:
+            raise self._fault
         return bytes(out)
 
     def close(self) -> None:
@@ -243,24 +469,26 @@ class _ZstdStream(io.RawIOBase):
 
 def _open_binary(path: str) -> io.IOBase:
     if path.endswith(".gz"):
-        return gzip.open(path, "rb")
+        return _DecompressedStream(path, "gz")
     if path.endswith(".zst"):
-        return _ZstdStream(path)
+        return _DecompressedStream(path, "zst")
     return open(path, "rb")
 
 
 def _read_blocks(stream: io.IOBase, report: FileReport) -> Iterator[tuple[bytes, bool]]:
-    """Yield (block of whole lines, is_last). Reads in small chunks so that a
-    decompression fault loses only the chunk it happened in: every whole line
-    before it is yielded, the incomplete tail last, and the file is marked
-    ``truncated``."""
+    """Yield (block of whole lines, is_last). On a fault every whole line before it
+    is yielded, then the incomplete tail (last), and the file is marked with the
+    fault's status (``truncated``, ``corrupt``)."""
     chunks: list[bytes] = []
     size = 0
+    first = True
     while True:
         try:
             chunk = stream.read(READ_CHUNK)
-        except (EOFError, OSError, zstandard.ZstdError) as e:
-            report.file_error("truncated", f"{type(e).__name__}: {e}")
+        except (_StreamFault, OSError) as e:
+            status = e.status if isinstance(e, _StreamFault) else "unreadable"
+            message = str(e) if isinstance(e, _StreamFault) else f"{type(e).__name__}: {e}"
+            report.file_error(status, message)
             data = b"".join(chunks)
             cut = data.rfind(b"\n")
             if cut >= 0:
@@ -268,6 +496,10 @@ def _read_blocks(stream: io.IOBase, report: FileReport) -> Iterator[tuple[bytes,
             if len(data) > cut + 1:
                 yield data[cut + 1:], True
             return
+        if first and chunk:
+            first = False
+            if chunk.startswith(BOM):
+                chunk = chunk[len(BOM):]
         if not chunk:
             if chunks:
                 yield b"".join(chunks), True
@@ -283,79 +515,206 @@ def _read_blocks(stream: io.IOBase, report: FileReport) -> Iterator[tuple[bytes,
             chunks, size = ([tail], len(tail)) if tail else ([], 0)
 
 
+def _record_lines(block: bytes) -> tuple[int, np.ndarray]:
+    """(number of lines, 0-based indexes of the lines that are not blank)."""
+    n_lines = block.count(b"\n") + (0 if block.endswith(b"\n") else 1)
+    tail = block[block.rfind(b"\n") + 1:]
+    blank_tail = bool(tail) and not tail.strip(b" \t\r")
+    if not (_FIRST_BLANK.match(block) or _MID_BLANK.search(block) or blank_tail):
+        return n_lines, np.arange(n_lines)
+    lines = block.split(b"\n")[:n_lines]
+    return n_lines, np.asarray([i for i, s in enumerate(lines) if s.strip(b" \t\r")],
+                               dtype=np.int64)
+
+
+class _JsonlBlockReader:
+    """Parses blocks of JSONL lines, fast where it can, careful where it must."""
+
+    def __init__(self, task: InputTask, spec: SourceSpec, report: FileReport,
+                 batch_size: int) -> None:
+        self.norm = _Normalizer(spec, task)
+        self.report = report
+        self.batch_size = batch_size
+        self.parse_opts = pajson.ParseOptions(explicit_schema=self.norm.parse_schema(),
+                                              unexpected_field_behavior="ignore")
+
+    def fast(self, block: bytes, first_line: int) -> tuple[pa.Table, int] | None:
+        """Canonical table of a block with pyarrow, or None if the careful path must judge."""
+        if not _valid_utf8(block):
+            return None
+        head = block.lstrip(b" \t\r\n")
+        # pyarrow 25 crashes (SIGSEGV) on a block whose first value is `null`
+        if not head or head.startswith(b"null") or block.startswith(BOM):
+            return None
+        n_lines, idx = _record_lines(block)
+        try:
+            table = pajson.read_json(
+                pa.BufferReader(block), parse_options=self.parse_opts,
+                read_options=pajson.ReadOptions(block_size=max(len(block) + 1, 1 << 20)))
+        except (pa.ArrowInvalid, UnicodeDecodeError, ValueError):
+            return None
+        # every non-blank line gives at least one row or fails: equal counts mean one each
+        if table.num_rows != len(idx) or not self.norm.fast_rows_ok(table):
+            return None
+        return self.norm.assemble(table, idx + first_line), n_lines
+
+    def careful(self, block: bytes, first_line: int, incomplete_tail: bool) -> Iterator[pa.Table]:
+        """Line by line; every non-blank line becomes a record or a reject with its reason."""
+        norm, report = self.norm, self.report
+        rows: list[dict] = []
+        lines = block.split(b"\n")
+        n_lines = len(lines) - (1 if block.endswith(b"\n") else 0)
+        for i, raw_line in enumerate(lines[:n_lines]):
+            line_no = first_line + i
+            if not raw_line.strip(b" \t\r"):
+                continue
+            cut_short = incomplete_tail and i == n_lines - 1
+            try:
+                text = raw_line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                report.reject(_tail_reason(cut_short) or
+                              f"invalid UTF-8: {e.reason} at byte {e.start}", line_no,
+                              raw_line.decode("utf-8", "backslashreplace"))
+                continue
+            try:
+                obj = norm.decoder.decode(text)
+            except json.JSONDecodeError as e:
+                report.reject(_tail_reason(cut_short) or
+                              f"malformed JSON: {e.msg} at column {e.colno}", line_no, text)
+                continue
+            except ValueError as e:  # e.g. an integer longer than Python's digit limit
+                report.reject(f"malformed JSON: {e}", line_no, text)
+                continue
+            except RecursionError:
+                got = self.fast(raw_line + b"\n", line_no)
+                if got is None:
+                    report.reject("nesting too deep for the JSON parser, and not a record when "
+                                  "read without the limit", line_no, text)
+                    continue
+                yield from self._flush(rows)
+                rows = []
+                report.records += 1
+                yield got[0]
+                continue
+            if _SURROGATE_ESCAPE.search(text) and _has_lone_surrogate(obj):
+                report.reject("lone surrogate in a JSON string (\\ud800-\\udfff escape "
+                              "without its pair)", line_no, text)
+                continue
+            rec = norm.record(obj, line_no, report, text)
+            if rec is not None:
+                rows.append(rec)
+            if len(rows) >= self.batch_size:
+                yield from self._flush(rows)
+                rows = []
+        yield from self._flush(rows)
+
+    def _flush(self, rows: list[dict]) -> Iterator[pa.Table]:
+        if not rows:
+            return
+        try:
+            table = pa.Table.from_pylist(rows, schema=self.norm.schema)
+        except (pa.ArrowException, UnicodeError, ValueError, TypeError):
+            good = []
+            for r in rows:
+                try:
+                    pa.Table.from_pylist([r], schema=self.norm.schema)
+                    good.append(r)
+                except (pa.ArrowException, UnicodeError, ValueError, TypeError) as e:
+                    self.report.reject(f"cannot be stored: {type(e).__name__}: {e}",
+                                       int(r[ROW_KEY]) & ((1 << KEY_POS_BITS) - 1), None)
+            if not good:
+                return
+            table = pa.Table.from_pylist(good, schema=self.norm.schema)
+        self.report.records += table.num_rows
+        yield table
+
+
+def _tail_reason(cut_short: bool) -> str | None:
+    return "incomplete last line of a truncated file" if cut_short else None
+
+
+def _has_lone_surrogate(obj: Any) -> bool:
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    except (RecursionError, ValueError):
+        return False
+    return False
+
+
 def read_jsonl(task: InputTask, spec: SourceSpec, report: FileReport,
                batch_size: int) -> Iterator[pa.Table]:
-    norm = _Normalizer(spec, task)
-    parse_opts = pajson.ParseOptions(explicit_schema=norm.parse_schema(),
-                                     unexpected_field_behavior="ignore")
-    line_no = 0
+    reader = _JsonlBlockReader(task, spec, report, batch_size)
+    line_no = 1
     try:
         stream = _open_binary(task.path)
     except OSError as e:
         report.file_error("unreadable", f"{type(e).__name__}: {e}")
         return
     with stream:
-        for block, _last in _read_blocks(stream, report):
-            n_lines = block.count(b"\n") + (0 if block.endswith(b"\n") else 1)
-            table = None
-            if report.status != "truncated":
-                try:
-                    table = pajson.read_json(
-                        pa.BufferReader(block), parse_options=parse_opts,
-                        read_options=pajson.ReadOptions(block_size=max(len(block), 1 << 20)))
-                except (pa.ArrowInvalid, UnicodeDecodeError, ValueError):
-                    table = None
-                if table is not None and table.num_rows != n_lines:
-                    table = None  # blank lines: fall back so line numbers stay exact
-                if table is not None and _has_missing_main(table, norm):
-                    table = None
-            if table is not None:
-                report.records += table.num_rows
-                out = norm.finish_fast(table, line_no + 1)
+        for block, last in _read_blocks(stream, report):
+            got = reader.fast(block, line_no)
+            if got is not None:
+                out, n_lines = got
+                report.records += out.num_rows
                 line_no += n_lines
                 for start in range(0, out.num_rows, batch_size):
                     yield out.slice(start, batch_size)
                 continue
-            rows = []
-            for raw_line in block.split(b"\n")[:n_lines]:
-                line_no += 1
-                if not raw_line.strip():
-                    continue
-                try:
-                    text = raw_line.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    report.reject(f"invalid UTF-8: {e.reason} at byte {e.start}", line_no,
-                                  raw_line.decode("utf-8", "backslashreplace"))
-                    continue
-                try:
-                    obj = json.loads(text)
-                except json.JSONDecodeError as e:
-                    reason = f"malformed JSON: {e.msg} at column {e.colno}"
-                    if report.status == "truncated" and _last:
-                        reason = "incomplete last line of a truncated file"
-                    report.reject(reason, line_no, text)
-                    continue
-                rec = norm.record(obj, line_no, report, text)
-                if rec is not None:
-                    report.records += 1
-                    rows.append(rec)
-                if len(rows) >= batch_size:
-                    yield pa.Table.from_pylist(rows, schema=norm.schema)
-                    rows = []
-            if rows:
-                yield pa.Table.from_pylist(rows, schema=norm.schema)
+            incomplete = last and report.status in ("truncated", "corrupt")
+            yield from reader.careful(block, line_no, incomplete)
+            line_no += block.count(b"\n") + (0 if block.endswith(b"\n") else 1)
     if report.records == 0 and report.status == "ok":
         report.file_error("empty", "no records in file")
 
 
-def _has_missing_main(table: pa.Table, norm: _Normalizer) -> bool:
-    """Rows the fast path cannot judge: null main fields or empty response lists."""
-    if any(table.column(c).null_count for c in norm.main if c in table.column_names):
-        return True
-    if norm.kind == "sft" and table.num_rows:
-        lengths = pa.compute.list_value_length(table.column(norm.spec.fields.responses))
-        return pa.compute.min(lengths).as_py() == 0
-    return False
+def _parquet_plan(norm: _Normalizer, schema: pa.Schema) -> tuple[list[str], str | None]:
+    """(columns to read, or the reason the whole file is rejected)."""
+    f = norm.spec.fields
+    names = schema.names
+    missing = [c for c in norm.main if c not in names]
+    if missing:
+        return [], f"missing column(s) {missing}; the file has {names}"
+    checks: list[tuple[str, Any, str]] = []
+    if norm.kind == "pretrain":
+        checks.append((f.text, _is_stringlike, "a string"))
+    else:
+        checks += [(f.prompt, _is_stringlike, "a string"),
+                   (f.responses, _is_string_list, "a list of strings")]
+        if f.response_sources:
+            checks.append((f.response_sources, _is_string_list, "a list of strings"))
+    id_ok = lambda t: _is_stringlike(t) or pa.types.is_integer(t)  # noqa: E731
+    if f.id:
+        checks.append((f.id, id_ok, "a string or an integer (or map `fields: {id: null}`)"))
+    if f.domain and norm.spec.domain is None:
+        checks.append((f.domain, id_ok, "a string or an integer"))
+    for name, ok, what in checks:
+        if name in names:
+            t = schema.field(name).type
+            if not (ok(t) or pa.types.is_null(t)):
+                return [], f"column {name!r} is {t}, not {what}"
+    return [c for c in norm.parse_schema().names if c in names], None
+
+
+def _canonical_parquet(table: pa.Table, norm: _Normalizer) -> pa.Table:
+    """Lossless normalization of the fields we read: string kinds to ``string``,
+    integer ids/domains to decimal strings; carried columns untouched."""
+    f = norm.spec.fields
+    carried = set(norm.spec.columns)
+    for i, name in enumerate(table.column_names):
+        if name in carried and name not in (f.id, f.text, f.domain, f.prompt, f.responses,
+                                            f.response_sources):
+            continue
+        t = table.schema.field(name).type
+        target = (pa.list_(pa.string()) if name in (f.responses, f.response_sources)
+                  and norm.kind == "sft" else pa.string())
+        if t != target:
+            col = table.column(name)
+            if pa.types.is_dictionary(t):
+                col = col.cast(t.value_type)
+            table = table.set_column(i, name, col.cast(target))
+    return table
 
 
 def read_parquet(task: InputTask, spec: SourceSpec, report: FileReport,
@@ -363,48 +722,62 @@ def read_parquet(task: InputTask, spec: SourceSpec, report: FileReport,
     norm = _Normalizer(spec, task)
     try:
         pf = pq.ParquetFile(task.path)
+        schema = pf.schema_arrow
     except (pa.ArrowException, OSError) as e:
         report.file_error("unreadable", f"{type(e).__name__}: {e}")
         return
-    want = norm.parse_schema()
-    missing = [c for c in norm.main if c not in pf.schema_arrow.names]
-    if missing:
-        report.file_error("unreadable", f"missing column(s) {missing}; has {pf.schema_arrow.names}")
+    total = pf.metadata.num_rows
+    columns, problem = _parquet_plan(norm, schema)
+    if problem is not None:
+        report.reject_rows(f"{problem}: all {total} rows rejected, nothing cast", total)
         return
-    columns = [c for c in want.names if c in pf.schema_arrow.names]
+    carried_types = {c: schema.field(c).type for c in spec.columns if c in schema.names}
+    f = spec.fields
     row0 = 0
     try:
         for rb in pf.iter_batches(batch_size=batch_size, columns=columns):
             table = pa.Table.from_batches([rb])
-            report.bytes += table.nbytes
-            table = table.cast(pa.schema([want.field(c) for c in table.column_names]))
             n = table.num_rows
-            bad = None
+            report.bytes += table.nbytes
+            table = _canonical_parquet(table, norm)
+            reasons: dict[int, str] = {}
             for c in norm.main:
-                if table.column(c).null_count:
-                    m = table.column(c).is_null()
-                    bad = m if bad is None else pa.compute.or_(bad, m)
-            if bad is not None:
-                bad_idx = [i for i, b in enumerate(bad.to_pylist()) if b]
-                for i in bad_idx:
-                    report.reject(f"null {norm.main}", row0 + i, None)
-                table = table.filter(pa.compute.invert(bad))
-            else:
-                bad_idx = []
-            good_rows = [i for i in range(n) if i not in set(bad_idx)] if bad_idx else None
+                col = table.column(c)
+                if col.null_count:
+                    for i in np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False)):
+                        reasons.setdefault(int(i), f"null {c!r}")
+            if norm.kind == "sft":
+                resp = table.column(f.responses)
+                lengths = pc.fill_null(pc.list_value_length(resp), 0).to_numpy()
+                for i in np.flatnonzero(lengths == 0):
+                    reasons.setdefault(int(i), f"field {f.responses!r} is an empty list")
+                if pc.list_flatten(resp).null_count:
+                    for i, v in enumerate(resp.to_pylist()):
+                        if v and any(s is None for s in v):
+                            reasons.setdefault(i, f"null item in {f.responses!r}")
+                if f.response_sources in table.column_names:
+                    srcs = table.column(f.response_sources).to_pylist()
+                    for i, (s, r) in enumerate(zip(srcs, resp.to_pylist(), strict=True)):
+                        if s is not None and (r is None or len(s) != len(r) or None in s):
+                            reasons.setdefault(i, f"field {f.response_sources!r} must be a "
+                                               f"list of strings as long as {f.responses!r}")
+            for c in table.column_names:
+                for i in _invalid_rows(table.column(c)):
+                    reasons.setdefault(i, f"invalid UTF-8 in column {c!r}")
+            positions = np.arange(row0, row0 + n)
+            if reasons:
+                for i in sorted(reasons):
+                    report.reject(reasons[i], row0 + i, None)
+                keep = np.ones(n, dtype=bool)
+                keep[list(reasons)] = False
+                table = table.filter(pa.array(keep))
+                positions = positions[keep]
             report.records += table.num_rows
-            out = norm.finish_fast(table, row0)
-            if good_rows is not None:
-                # row keys and derived ids must keep the original row numbers
-                out = out.set_column(out.schema.get_field_index(ROW_KEY), ROW_KEY,
-                                     make_keys(task.index, np.asarray(good_rows) + row0))
-                if not (spec.fields.id and spec.fields.id in columns):
-                    out = out.set_column(0, "id", pa.array(
-                        [f"{task.file_label}:{row0 + i}" for i in good_rows], pa.string()))
             row0 += n
-            yield out
+            yield norm.assemble(table, positions, carried_types)
     except (pa.ArrowException, OSError) as e:
-        report.file_error("truncated", f"{type(e).__name__}: {e}")
+        report.file_error("corrupt", f"{type(e).__name__}: {e} (after row {row0} of {total}; "
+                          "the rows before are kept)")
     if report.records == 0 and report.status == "ok":
         report.file_error("empty", "no rows in file")
 

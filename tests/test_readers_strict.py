@@ -1,0 +1,249 @@
+"""Readers, strictly: every line or row is kept byte-for-byte or rejected with a reason.
+
+Each test here reproduces a defect of the readers as they were (issue 10):
+invalid UTF-8 passing the fast path, lone surrogates and deep nesting
+crashing a run, truncated archives losing a chunk before the fault, nested
+Parquet columns losing the whole file, an int ``text`` quietly cast.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from gristmill.pipeline.readers import FileReport, InputTask, read_task
+from gristmill.pipeline.recipe import SourceSpec, parse_recipe
+from gristmill.pipeline.runner import run_recipe
+from gristmill.pipeline.stage import KEY_POS_MASK, ROW_KEY
+
+
+def _read(path: Path, fmt: str = "jsonl", batch_size: int = 1000, index: int = 0,
+          **spec) -> tuple[pa.Table | None, FileReport]:
+    spec = SourceSpec(path=str(path), **spec)
+    report = FileReport(path=str(path))
+    task = InputTask(index=index, source_index=0, path=str(path), format=fmt, label="src")
+    tables = list(read_task(task, spec, report, batch_size))
+    for t in tables:
+        t.validate(full=True)
+    return (pa.concat_tables(tables) if tables else None), report
+
+
+def _lines_of(table: pa.Table) -> list[int]:
+    return [k & KEY_POS_MASK for k in table.column(ROW_KEY).to_pylist()]
+
+
+def _reasons(report: FileReport) -> dict[int, str]:
+    return {r["line"]: r["reason"] for r in report.rejects if r["line"] is not None}
+
+
+def _good(i: int) -> bytes:
+    return json.dumps({"text": f"good {i}", "meta": {"n": i}}).encode()
+
+
+# ---- strict decoding ---------------------------------------------------------------------
+
+def test_invalid_utf8_in_an_otherwise_valid_file_is_rejected_not_kept(tmp_path):
+    path = tmp_path / "u.jsonl"
+    lines = [_good(i) for i in range(6)]
+    lines[2] = b'{"text": "bad \xff byte"}'
+    lines[4] = b'{"text": "fine", "other": "bad \xc3\x28 in an ignored field"}'
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    table, report = _read(path)
+    assert table.column("text").to_pylist() == ["good 0", "good 1", "good 3", "good 5"]
+    assert _lines_of(table) == [1, 2, 4, 6]
+    reasons = _reasons(report)
+    assert set(reasons) == {3, 5} and all(r.startswith("invalid UTF-8") for r in reasons.values())
+    assert report.records == 6 and report.rejected == 2
+
+
+def test_lone_surrogate_is_a_reject_not_a_crash(tmp_path):
+    path = tmp_path / "s.jsonl"
+    path.write_bytes(b"\n".join([
+        _good(0),
+        b'{"text": "lone \\ud800 high"}',
+        b'{"text": "ok", "x": "lone \\udc00 low in an ignored field"}',
+        b'{"text": "a pair \\ud83d\\ude00 is fine"}',
+        b'{"text": "escaped backslash \\\\ud800 is just text"}',
+    ]) + b"\n")
+    table, report = _read(path)
+    assert table.column("text").to_pylist() == [
+        "good 0", "a pair \U0001F600 is fine", "escaped backslash \\ud800 is just text"]
+    reasons = _reasons(report)
+    assert set(reasons) == {2, 3} and all("lone surrogate" in r for r in reasons.values())
+
+
+def _deep(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+def test_deep_nesting_is_judged_the_same_whatever_the_neighbouring_lines(tmp_path):
+    deep_ignored = b'{"text": "deep but ignored", "z": ' + _deep(50_000).encode() + b"}"
+    deep_carried = b'{"text": "deep carried", "meta": ' + _deep(50_000).encode() + b"}"
+    # alone, the block goes through pyarrow; with a malformed neighbour, line by line
+    for neighbour in (_good(9), b"{not json"):
+        path = tmp_path / "deep.jsonl"
+        path.write_bytes(b"\n".join([_good(0), deep_ignored, deep_carried, neighbour]) + b"\n")
+        table, report = _read(path, columns=["meta"])
+        texts = table.column("text").to_pylist()
+        assert texts[:2] == ["good 0", "deep but ignored"]
+        assert "nesting too deep" in _reasons(report)[3]
+        assert report.records == 4 and report.records == table.num_rows + report.rejected
+
+
+def test_a_first_line_null_does_not_crash_the_process(tmp_path):
+    # pyarrow 25's JSON reader dies with SIGSEGV when a block's first value is `null`
+    path = tmp_path / "n.jsonl"
+    path.write_bytes(b"null\n" + _good(1) + b"\n")
+    code = ("import sys; sys.path.insert(0, sys.argv[2]); from test_readers_strict import _read;"
+            "from pathlib import Path; t, r = _read(Path(sys.argv[1]));"
+            "print(t.num_rows, r.rejected, r.rejects[0]['reason'])")
+    res = subprocess.run([sys.executable, "-c", code, str(path), str(Path(__file__).parent)],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.split() == ["1", "1", "not", "a", "JSON", "object", "(NoneType)"]
+
+
+def test_two_values_on_one_line_do_not_shift_line_numbers_past_a_blank_line(tmp_path):
+    path = tmp_path / "two.jsonl"
+    path.write_bytes(b'{"text": "a"}{"text": "b"}\n\n{"text": "c"}\n')
+    table, report = _read(path)
+    assert table.column("text").to_pylist() == ["c"] and _lines_of(table) == [3]
+    assert _reasons(report)[1].startswith("malformed JSON")
+
+
+def test_a_field_read_twice_is_ambiguous_and_rejected(tmp_path):
+    path = tmp_path / "dup.jsonl"
+    path.write_bytes(b'{"text": "a", "text": "b"}\n{"text": "c", "x": 1, "x": 2}\n')
+    table, report = _read(path)
+    assert table.column("text").to_pylist() == ["c"]
+    assert _reasons(report) == {1: "field 'text' appears more than once"}
+
+
+def test_byte_order_mark_at_file_start_is_skipped(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + _good(0) + b"\n" + b"\xef\xbb\xbf" + _good(1) + b"\n")
+    table, report = _read(path)
+    assert table.column("text").to_pylist() == ["good 0"]
+    assert 2 in _reasons(report)  # a BOM inside the file is not JSON
+
+
+def _fast_and_careful(tmp_path: Path, lines: list[bytes], **spec) -> tuple[pa.Table, pa.Table]:
+    """Read ``lines`` alone (fast path) and after a malformed line (careful path)."""
+    a, b = tmp_path / "fast.jsonl", tmp_path / "careful.jsonl"
+    a.write_bytes(b"\n".join(lines) + b"\n")
+    b.write_bytes(b"\n".join([b"{broken"] + lines) + b"\n")
+    fast, _ = _read(a, **spec)
+    careful, rep = _read(b, **spec)
+    assert _reasons(rep) == {1: _reasons(rep)[1]}
+    return fast.drop_columns(["id", ROW_KEY]), careful.drop_columns(["id", ROW_KEY])
+
+
+def test_fast_and_careful_paths_agree_on_carried_columns(tmp_path):
+    lines = [json.dumps({"text": t, "meta": m, "domain": d}, ensure_ascii=False).encode()
+             for t, m, d in [("é ü 日本", "plain string", "x"), ("b", None, None),
+                             ("c\u0000d", "tab\there", "y"), ("e", "é", "z")]]
+    fast, careful = _fast_and_careful(tmp_path, lines, columns=["meta"])
+    assert fast.equals(careful)
+    # non-string JSON values only the careful path can carry: compact JSON text
+    path = tmp_path / "nested.jsonl"
+    path.write_bytes(b'{"text": "t", "meta": {"a": [1, 2.50, "\xc3\xa9"], "b": true}, '
+                     b'"id": 12, "domain": false}\n')
+    table, _ = _read(path, columns=["meta"])
+    assert table.column("meta").to_pylist() == ['{"a":[1,2.5,"\u00e9"],"b":true}']
+    assert table.column("id").to_pylist() == ["12"]
+    assert table.column("domain").to_pylist() == ["false"]
+
+
+def test_fast_and_careful_paths_agree_on_sft_response_sources(tmp_path):
+    lines = [json.dumps(r).encode() for r in [
+        {"prompt": "p1", "responses": ["a", "b"], "response_sources": ["m1", "m2"]},
+        {"prompt": "p2", "responses": ["a", "b"], "response_sources": ["m1"]},  # too short
+        {"prompt": "p3", "responses": ["a", None]},  # null response
+        {"prompt": "p4", "responses": ["a"], "response_sources": None},
+    ]]
+    a = tmp_path / "sft.jsonl"
+    a.write_bytes(b"\n".join(lines) + b"\n")
+    table, report = _read(a, kind="sft")
+    assert table.column("prompt").to_pylist() == ["p1", "p4"]
+    assert set(_reasons(report)) == {2, 3}
+    fast, careful = _fast_and_careful(tmp_path, [lines[0], lines[3]], kind="sft")
+    assert fast.equals(careful)
+
+
+def test_rejected_lines_keep_their_keys_unused_and_kept_lines_keep_theirs(tmp_path):
+    path = tmp_path / "k.jsonl"
+    rng = np.random.default_rng(0)
+    lines, good = [], []
+    for i in range(1, 301):
+        if rng.random() < 0.2:
+            lines.append(b'{"text": "bad \xff"}')
+        elif rng.random() < 0.1:
+            lines.append(b"")
+        else:
+            lines.append(_good(i))
+            good.append(i)
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    table, report = _read(path, batch_size=7, index=3)
+    assert _lines_of(table) == good
+    assert {k >> 40 for k in table.column(ROW_KEY).to_pylist()} == {3}
+    assert not set(_reasons(report)) & set(good)
+    assert report.records == len(good) + report.rejected
+
+
+# ---- Parquet types ------------------------------------------------------------------------
+
+def test_parquet_int_text_is_rejected_whole_file_never_cast(tmp_path):
+    path = tmp_path / "int.parquet"
+    pq.write_table(pa.table({"text": pa.array([1, 2, 3], pa.int64())}), path)
+    table, report = _read(path, fmt="parquet")
+    assert table is None
+    assert report.records == 3 and report.rejected == 3 and report.status == "rejected"
+    assert "column 'text' is int64, not a string" in report.rejects[0]["reason"]
+    assert report.rejects[0]["rows"] == 3
+
+
+def test_parquet_invalid_utf8_rows_are_rejected_per_row(tmp_path):
+    path = tmp_path / "bad.parquet"
+    text = pa.array([b"ok", b"bad \xff", b"fine"], pa.binary()).view(pa.string())
+    pq.write_table(pa.table({"text": text}), path)
+    table, report = _read(path, fmt="parquet")
+    assert table.column("text").to_pylist() == ["ok", "fine"] and _lines_of(table) == [0, 2]
+    assert _reasons(report) == {1: "invalid UTF-8 in column 'text'"}
+
+
+# ---- end to end: shards pass full validation ----------------------------------------------
+
+HOSTILE_LINES = [
+    b'{"id": "1", "text": "plain"}',
+    b'{"id": "2", "text": "invalid \xff utf8"}',
+    b'{"id": "3", "text": "lone \\ud800"}',
+    b'{"id": "4", "text": "deep", "z": ' + _deep(20_000).encode() + b"}",
+    b'{"id": "5", "text": "plain"}',  # an exact duplicate of id 1
+    b"null",
+    b'{"id": "6", "text": "unicode \xc3\xa9"}',
+]
+
+
+def test_run_with_hostile_input_writes_valid_shards_and_reconciles(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a.jsonl").write_bytes(b"\n".join(HOSTILE_LINES) + b"\n")
+    (src / "b.jsonl").write_bytes(b"\n".join([HOSTILE_LINES[-1], HOSTILE_LINES[1]]) + b"\n")
+    body = {"name": "hostile", "sources": [{"path": str(src)}],
+            "stages": [{"stage": "exact_dedup"}],
+            "output": {"path": str(tmp_path / "out")}, "engine": {"kind": "local"}}
+    manifest = run_recipe(parse_recipe(body), progress=False, report=False)
+    counts = manifest["counts"]
+    assert counts["reconciled"] and counts["read"] == 9 and counts["rejected"] == 4
+    tables = [pq.read_table(tmp_path / "out" / s["path"]) for s in manifest["shards"]]
+    for t in tables:
+        t.validate(full=True)
+    kept = pa.concat_tables(tables)
+    assert sorted(kept.column("text").to_pylist()) == ["deep", "plain", "unicode é"]
+    assert counts["kept"] == 3 and counts["dropped"] == 2  # exact copies, across files too
