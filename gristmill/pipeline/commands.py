@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -19,8 +20,35 @@ def _run(args: argparse.Namespace) -> int:
     except (RecipeError, OutputLocked) as e:
         print(f"gristmill: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # noqa: BLE001 - faults of the machine end in one line
+        line = fault_line(e)
+        if line is None:
+            raise
+        print(f"gristmill: {line}", file=sys.stderr)
+        return 1
     _print_summary(manifest, Path(load_recipe(args.recipe).output_dir))
     return 0
+
+
+def fault_line(exc: BaseException) -> str | None:
+    """One line for a fault of the machine (disk full, permission denied, a vanished
+    or changing input), found anywhere in the exception's chain, also when a pool
+    worker, a Dask worker or a Beam runner raised it; None for a bug (re-raised)."""
+    from gristmill.pipeline.inputs import InputChangedDuringRun
+
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, InputChangedDuringRun):
+            return str(e)
+        if isinstance(e, OSError) and e.errno is not None:
+            cause = os.strerror(e.errno) if e.errno > 0 else (e.strerror or str(e))
+            where = e.filename or "(a file of the output)"
+            return (f"{cause}: {where}. What was completed is kept; fix the cause and run "
+                    f"the same command again to resume")
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -60,19 +88,48 @@ def _print_summary(manifest: dict, out: Path) -> None:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    from gristmill.pipeline import inspection
+
     out = Path(args.output)
-    path = out / "manifest.json"
-    if not path.exists():
-        partial = (out / "_work").exists()
-        print(f"gristmill: no manifest in {out}"
-              + (" (a run is in progress or was interrupted; run it again to resume)"
-                 if partial else ""), file=sys.stderr)
+    try:
+        manifest, stats = inspection.load_output(out)
+        samples = None
+        if args.sample is not None:
+            samples = inspection.sample_records(manifest, stats, args.sample, args.stage,
+                                                args.reason)
+        elif args.stage or args.reason:
+            raise inspection.OutputError("--stage and --reason select samples: add --sample N")
+    except inspection.OutputError as e:
+        print(f"gristmill: {e}", file=sys.stderr)
         return 2
-    manifest = json.loads(path.read_text())
     if args.json:
-        print(json.dumps(manifest["counts"], indent=2))
+        body = {"name": manifest["name"], "counts": manifest["counts"],
+                "timings": manifest.get("timings", {})}
+        if samples is not None:
+            body["samples"] = samples
+        print(json.dumps(body, indent=2, ensure_ascii=False))
+        return 0
+    if samples is not None:
+        print("\n".join(inspection.format_samples(samples, args.sample)))
         return 0
     _print_summary(manifest, out)
+    for line in inspection.timing_lines(manifest):
+        print(line)
+    return 0
+
+
+def _diff(args: argparse.Namespace) -> int:
+    from gristmill.pipeline import inspection
+
+    try:
+        d = inspection.diff_outputs(args.a, args.b, examples=args.examples)
+    except inspection.OutputError as e:
+        print(f"gristmill: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(d, indent=2, ensure_ascii=False))
+    else:
+        print("\n".join(inspection.format_diff(d)))
     return 0
 
 
@@ -99,12 +156,29 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("recipe")
     p.set_defaults(func=_check)
 
-    p = sub.add_parser("inspect", help="counts, shards and rejects of a finished output",
+    p = sub.add_parser("inspect", help="counts, time and sample records of a finished output",
                        description="Summarize an output folder from its manifest: counts per "
-                       "stage with drop reasons, shards, bytes, rejects.")
+                       "stage with drop reasons, time per stage, shards, bytes, rejects; with "
+                       "--sample, records each stage kept and dropped.")
     p.add_argument("output", help="the output folder of a run")
-    p.add_argument("--json", action="store_true", help="print the counts as JSON")
+    p.add_argument("--sample", type=int, metavar="N",
+                   help="print up to N sample records per stage and fate (kept, each reason)")
+    p.add_argument("--stage", help="with --sample: only this stage")
+    p.add_argument("--reason", help="with --sample: only this drop reason ('kept' for kept)")
+    p.add_argument("--json", action="store_true",
+                   help="print counts, timings (and samples) as JSON")
     p.set_defaults(func=_inspect)
+
+    p = sub.add_parser("diff", help="records one run kept and another did not",
+                       description="Compare two finished outputs record by record (matched by "
+                       "input file and line): which records each kept that the other did not, "
+                       "grouped by the stage and reason that dropped them in the other run "
+                       "(known where that run wrote dropped/).")
+    p.add_argument("a", help="output folder A")
+    p.add_argument("b", help="output folder B")
+    p.add_argument("--examples", type=int, default=3, help="examples per group (default 3)")
+    p.add_argument("--json", action="store_true", help="print the comparison as JSON")
+    p.set_defaults(func=_diff)
 
     p = sub.add_parser("demo", help="build the demo corpus and run recipes/demo.yaml",
                        description="Build a small multi-domain corpus from the Python standard "

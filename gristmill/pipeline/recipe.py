@@ -43,6 +43,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from gristmill.extras import ENGINE_EXTRAS, MissingExtra, require
 from gristmill.pipeline.registry import stage_class
 from gristmill.pipeline.stage import Stage
 
@@ -64,7 +65,7 @@ class FieldMap(_Model):
     """Where the canonical fields live in the input records."""
 
     id: str | None = Field("id", description="id field; where absent or null (or when set to "
-                           "null) ids are derived as `<source>:<line>`")
+                           "null) ids are derived as `<file>:<line>`")
     text: str = "text"
     domain: str | None = "domain"
     prompt: str = "prompt"
@@ -130,6 +131,9 @@ class EngineSpec(_Model):
     scheduler: str | None = Field(None, description="dask: address of an existing scheduler")
     runner: str | None = Field(None, description="beam: runner name (default: a local runner)")
     beam_options: dict[str, Any] = Field(default_factory=dict)
+
+
+_STAGE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 
 
 class StageSpec(_Model):
@@ -219,12 +223,27 @@ class Recipe(_Model):
                 raise RecipeError(_format_validation(e, prefix=f"stages[{i}]")) from None
             stage = cls(params, name=spec.name or spec.stage, seed=self.seed)
             stage.base_dir = self.base_dir
+            if spec.name is not None:
+                stage.name = spec.name
+            if not _STAGE_NAME.fullmatch(stage.name) or stage.name in (".", ".."):
+                field = "name" if spec.name is not None else "stage"
+                raise RecipeError(
+                    f"recipe error at stages[{i}].{field}: stage name {stage.name!r} is not "
+                    f"valid; a stage name becomes a column prefix and a folder name, so it may "
+                    f"hold only letters, digits, '_', '.' and '-' (not '.' or '..')")
             if stage.name in names:
                 raise RecipeError(f"recipe error at stages[{i}].name: {stage.name!r} is used by an "
                                   f"earlier stage; give this one a distinct `name`")
             names.add(stage.name)
             stages.append(stage)
         return stages
+
+    def stage_cache_key(self) -> str:
+        """Key of a worker's cache of built and set-up stages: everything that changes
+        what a stage does, the recipe folder included (relative model paths resolve
+        against it), but not the engine."""
+        body = self.model_dump(mode="json", exclude={"engine"})
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
     def fingerprint(self) -> str:
         """sha256 of what determines the output (not the engine or worker count)."""
@@ -290,14 +309,61 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Re
     return parse_recipe(data, base_dir=path.resolve().parent)
 
 
+def _inside(inner: Path, outer: Path) -> bool:
+    return inner == outer or outer in inner.parents
+
+
+def _check_output_overlap(recipe: Recipe) -> None:
+    """The output folder may not be, hold, or sit inside any input: ``--fresh``
+    would delete the input and a plain run would overwrite it."""
+    out = Path(os.path.realpath(recipe.output_dir))
+    for i, src in enumerate(recipe.sources):
+        roots = []
+        for pattern in src.paths():
+            p = recipe.resolve(pattern)
+            if any(ch in pattern for ch in "*?["):
+                # the folder part of a glob: everything it can match lies below it
+                parts = p.parts
+                cut = next(k for k, part in enumerate(parts) if any(c in part for c in "*?["))
+                roots.append(Path(*parts[:cut]))
+            else:
+                roots.append(p)
+        for root in roots:
+            r = Path(os.path.realpath(root))
+            if _inside(r, out) or (_inside(out, r) and not r.is_file()):
+                raise RecipeError(
+                    f"recipe error at output.path: the output folder {out} overlaps the input "
+                    f"sources[{i}].path ({r}); a run (or --fresh) would overwrite or delete its "
+                    f"own input. Choose an output folder outside every input")
+
+
+def _check_extras(recipe: Recipe) -> None:
+    """Every optional dependency group the recipe needs is installed; else one line naming it."""
+    needs: list[tuple[str, str]] = []
+    if recipe.engine.kind in ENGINE_EXTRAS:
+        needs.append((ENGINE_EXTRAS[recipe.engine.kind], "engine.kind"))
+    for i, stage in enumerate(recipe.build_stages()):
+        needs += [(extra, f"stages[{i}] ({stage.name})") for extra in stage.required_extras()]
+    if recipe.output.tokenize is not None:
+        needs.append(("torch", "output.tokenize"))  # a transformers tokenizer
+    for extra, where in needs:
+        try:
+            require(extra, where)
+        except MissingExtra as e:
+            raise RecipeError(f"recipe error at {where}: {e.reason}") from None
+
+
 def check_recipe(recipe: Recipe) -> list[str]:
     """Everything that can be checked without reading data; returns a summary.
 
-    Raises RecipeError on the first problem: missing inputs, stage parameters
+    Raises RecipeError on the first problem: a missing extra (optional
+    dependencies a stage or the engine needs), missing inputs, stage parameters
     (files a stage needs), columns a stage reads that no source or earlier
     stage provides.
     """
+    _check_extras(recipe)
     summary = []
+    _check_output_overlap(recipe)
     for i, src in enumerate(recipe.sources):
         files = recipe.source_files(i)
         summary.append(f"sources[{i}]: {len(files)} file(s), {src.kind}, "

@@ -18,6 +18,7 @@ with the same output as an uninterrupted run.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -31,6 +32,14 @@ import pyarrow.parquet as pq
 import gristmill
 from gristmill.pipeline.engines.local import EngineResult, LocalEngine
 from gristmill.pipeline.execution import LENGTH_BINS, TaskStats, reason_totals
+from gristmill.pipeline.inputs import (
+    id_ledger_path,
+    input_changes,
+    listing,
+    refuse_changed_inputs,
+    repeated_ids,
+)
+from gristmill.pipeline.observe import barrier_times, merge_timings, stage_timings
 from gristmill.pipeline.readers import InputTask
 from gristmill.pipeline.recipe import Recipe, RecipeError, check_recipe, load_recipe
 from gristmill.pipeline.writers import atomic_write_bytes, atomic_write_json
@@ -44,55 +53,56 @@ class OutputLocked(RuntimeError):
 
 
 class OutputLock:
-    """An exclusive lock file in the output folder, with the holder's pid and host.
+    """An exclusive ``flock`` on a lock file in the output folder.
 
-    A lock whose process is gone (killed) is stale and taken over; a live one
-    makes the second run refuse rather than interleave.
+    The kernel releases the lock when its holder dies (even by ``kill -9``), so a
+    stale lock is never "taken over" by reading and deleting it, which two runs
+    could both do at once. The file holds the holder's pid and host for the
+    message a second run prints. Release unlinks the file while still holding the
+    lock; a run that opened the old file sees that its inode is gone and retries.
     """
 
     def __init__(self, folder: Path) -> None:
         self.path = folder / ".gristmill.lock"
         self.held = False
+        self._fd: int | None = None
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
-        for _ in range(2):
+        for _ in range(100):
+            fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
                 try:
-                    other = json.loads(self.path.read_text() or "{}")
+                    other = json.loads(os.read(fd, 4096) or b"{}")
                 except (OSError, json.JSONDecodeError):
                     other = {}
-                if other and self._alive(other):
-                    raise OutputLocked(
-                        f"output folder {self.path.parent} is in use by another gristmill run "
-                        f"(pid {other.get('pid')} on {other.get('host')}); wait for it to finish. "
-                        f"If that process is gone, delete {self.path}") from None
-                self.path.unlink(missing_ok=True)  # stale: its process was killed
+                os.close(fd)
+                raise OutputLocked(
+                    f"output folder {self.path.parent} is in use by another gristmill run "
+                    f"(pid {other.get('pid', '?')} on {other.get('host', '?')}); wait for it "
+                    f"to finish") from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:  # the previous holder unlinked it after we opened it
+                os.close(fd)
                 continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps(me).encode())
+            self._fd = fd
             self.held = True
             return
         raise OutputLocked(f"could not take the lock {self.path}")
 
-    @staticmethod
-    def _alive(info: dict[str, Any]) -> bool:
-        if info.get("host") != socket.gethostname():
-            return True  # cannot tell for another host: assume alive
-        try:
-            os.kill(int(info["pid"]), 0)
-        except (ProcessLookupError, ValueError, KeyError):
-            return False
-        except PermissionError:
-            return True
-        return True
-
     def release(self) -> None:
         if self.held:
             self.path.unlink(missing_ok=True)
+            os.close(self._fd)
+            self._fd = None
             self.held = False
 
     def __enter__(self) -> OutputLock:
@@ -188,14 +198,21 @@ def run_recipe(recipe: Recipe | str | Path, *, fresh: bool = False, engine: str 
                     f"{old.get('fingerprint', '?')[:12]} vs {fingerprint[:12]}); use --fresh to "
                     f"replace it or choose another output.path")
             if not work.exists():
-                return old  # complete already
+                recorded = [{**f, "path": str(recipe.resolve(f["path"]))}
+                            for f in old.get("files", [])]
+                refuse_changed_inputs(input_changes(recorded, list_tasks(recipe),
+                                                    check_hash=True), out, "output")
+                return old  # complete already, on the same inputs
+        tasks = list_tasks(recipe)
         if run_info.exists():
-            prev = json.loads(run_info.read_text()).get("fingerprint")
-            if prev != fingerprint:
+            prev = json.loads(run_info.read_text())
+            if prev.get("fingerprint") != fingerprint:
                 raise RecipeError(
                     f"{out} holds a partial run of a different recipe; use --fresh to start over")
-        atomic_write_json(run_info, {"fingerprint": fingerprint})
-        tasks = list_tasks(recipe)
+            refuse_changed_inputs(input_changes(prev.get("inputs", []), tasks), out,
+                                  "partial run")
+        else:
+            atomic_write_json(run_info, {"fingerprint": fingerprint, "inputs": listing(tasks)})
         result = make_engine(recipe, progress).execute(tasks, work)
         manifest = _commit(recipe, out, tasks, result, fingerprint, t0)
         if recipe.output.tokenize is not None:
@@ -238,6 +255,7 @@ def _commit(recipe: Recipe, out: Path, tasks: list[InputTask], result: EngineRes
     stats = TaskStats()
     for tr in result.tasks:
         stats.merge(tr.stats)
+    merge_timings(stats.timings, barrier_times(result.final_dir.parent))
     files = [{**tr.file, "path": tasks[tr.index].file_label, "source": tasks[tr.index].label,
               "index": tr.index} for tr in result.tasks]
     read = sum(f.get("records", 0) for f in files)
@@ -268,13 +286,16 @@ def _commit(recipe: Recipe, out: Path, tasks: list[InputTask], result: EngineRes
         "shards": shards,
         "schema": schema,
         "counts": counts,
+        "ids": repeated_ids([id_ledger_path(result.final_dir.parent, t.index) for t in tasks],
+                            {t.index: t.file_label for t in tasks}),
         "files": files,
         "rejects": rejects_files,
         "dropped": dropped_files,
         "artifacts": sorted(artifacts),
         "timings": {"finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                     "seconds": round(time.time() - t0, 3), "engine": recipe.engine.kind,
-                    "workers": recipe.engine.workers},
+                    "workers": recipe.engine.workers,
+                    "stages": stage_timings(stats.timings, stage_counts, read, written)},
     }
     stats_json = {**stats.to_json(), "counts": counts, "length_bins": LENGTH_BINS.tolist()}
     atomic_write_json(out / "stats.json", stats_json)

@@ -43,6 +43,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
+from gristmill.pipeline import observe
 from gristmill.pipeline.engines.local import EngineResult, TaskResult, task_dir
 from gristmill.pipeline.execution import (
     Segment,
@@ -51,7 +52,8 @@ from gristmill.pipeline.execution import (
     plan_segments,
     run_segment_batch,
 )
-from gristmill.pipeline.readers import FileReport, InputTask, read_task
+from gristmill.pipeline.inputs import InputReader, id_ledger_path
+from gristmill.pipeline.readers import FileReport, InputTask
 from gristmill.pipeline.recipe import Recipe, RecipeError
 from gristmill.pipeline.stage import DROPPED_SCHEMA, GlobalStage, Stage
 from gristmill.pipeline.writers import (
@@ -102,13 +104,17 @@ def _build_pipeline(beam, p, recipe: Recipe, tasks: list[InputTask], work: Path)
             report = FileReport(path=task.path)
             stats = TaskStats()
             dropped: list[pa.Table] | None = [] if self.recipe.output.write_dropped else None
-            for seq, batch in enumerate(read_task(task, spec, report,
-                                                  self.recipe.engine.batch_size)):
+            inputs = InputReader(task, spec, report, self.recipe.engine.batch_size,
+                                 id_ledger_path(work, task.index))
+            batches = observe.timed_iter(iter(inputs), stats.timings, "read", "read")
+            for seq, batch in enumerate(batches):
                 stats.observe(batch, "in")
                 kept = run_segment_batch(self.segment, batch, None, stats, dropped)
                 if kept.num_rows:
                     yield (task.index, seq, kept)
-            yield pvalue.TaggedOutput("audit", (task.index, _audit(0, stats, dropped, report)))
+            audit = _audit(0, stats, dropped, report)
+            audit["file"].update(inputs.fingerprint)
+            yield pvalue.TaggedOutput("audit", (task.index, audit))
 
     class RunSegment(beam.DoFn):
         def __init__(self, recipe: Recipe, index: int) -> None:
@@ -126,7 +132,19 @@ def _build_pipeline(beam, p, recipe: Recipe, tasks: list[InputTask], work: Path)
                 yield (task, seq, kept)
             yield pvalue.TaggedOutput("audit", (task, _audit(self.index, stats, dropped)))
 
-    class Summarize(beam.DoFn):
+    class TimedDoFn(beam.DoFn):
+        """Adds up the time of a barrier's per-batch step and saves it per bundle."""
+
+        phase = ""
+
+        def start_bundle(self) -> None:
+            self.timings: dict = {}
+
+        def finish_bundle(self) -> None:
+            for phase, (wall, cpu) in self.timings.get(self.stage.name, {}).items():
+                observe.save_time(work, self.stage.name, phase, wall, cpu)
+
+    class Summarize(TimedDoFn):
         def __init__(self, recipe: Recipe, index: int) -> None:
             self.recipe, self.index = recipe, index
 
@@ -134,7 +152,9 @@ def _build_pipeline(beam, p, recipe: Recipe, tasks: list[InputTask], work: Path)
             self.stage = _segment_stages(self.recipe, self.index)[0].exit
 
         def process(self, element: tuple[int, int, pa.Table]):
-            yield self.stage.summarize(element[2])
+            with observe.clock(self.timings, self.stage.name, "summarize"):
+                summary = self.stage.summarize(element[2])
+            yield summary
 
     class MergeSummaries(beam.CombineFn):
         """merge() is associative and commutative, so any combine tree is fine."""
@@ -159,7 +179,7 @@ def _build_pipeline(beam, p, recipe: Recipe, tasks: list[InputTask], work: Path)
         def extract_output(self, acc: Any) -> Any:
             return acc
 
-    class KeyByPartition(beam.DoFn):
+    class KeyByPartition(TimedDoFn):
         def __init__(self, recipe: Recipe, index: int) -> None:
             self.recipe, self.index = recipe, index
 
@@ -167,8 +187,9 @@ def _build_pipeline(beam, p, recipe: Recipe, tasks: list[InputTask], work: Path)
             self.stage = _segment_stages(self.recipe, self.index)[0].exit
 
         def process(self, element: tuple[int, int, pa.Table]):
-            keys = self.stage.keys(element[2])
-            parts = partition_keys(keys, self.recipe.engine.shuffle_partitions)
+            with observe.clock(self.timings, self.stage.name, "keys"):
+                keys = self.stage.keys(element[2])
+                parts = partition_keys(keys, self.recipe.engine.shuffle_partitions)
             for p, part in enumerate(parts):
                 if part.num_rows:
                     yield (p, part)
@@ -190,6 +211,15 @@ def _build_pipeline(beam, p, recipe: Recipe, tasks: list[InputTask], work: Path)
                 return None
             # partition order, as the local engine concatenates: never the bundling order
             return pa.concat_tables([t for _, t in sorted(acc, key=lambda e: e[0])])
+
+    def timed(fn, stage_name: str):
+        """``fn`` with its time saved as the stage's barrier time."""
+        def run(*args):
+            started = observe.start_clock()
+            out = fn(*args)
+            observe.save_barrier_time(work, stage_name, "barrier", started)
+            return out
+        return run
 
     def save_state(state: Any, index: int) -> Any:
         atomic_write_bytes(work / f"seg{index:02d}" / "state.pkl", pickle.dumps(state))
@@ -230,8 +260,10 @@ def _build_pipeline(beam, p, recipe: Recipe, tasks: list[InputTask], work: Path)
                                  self.recipe.output.format, self.recipe.output.shard_size)
             for _, batch in sorted(groups["rows"], key=lambda r: r[0]):
                 stats.observe(batch, "out")
-                writer.write(batch)
-            result["shards"] = [s.to_dict() for s in writer.close()]
+                with observe.clock(stats.timings, "write", "write"):
+                    writer.write(batch)
+            with observe.clock(stats.timings, "write", "write"):
+                result["shards"] = [s.to_dict() for s in writer.close()]
             result["stats"] = stats.to_json()
             atomic_write_json(work / "beam" / f"task-{index:05d}.json", result)
             yield index
@@ -250,15 +282,15 @@ def _build_pipeline(beam, p, recipe: Recipe, tasks: list[InputTask], work: Path)
             state = (rows | f"Summarize for {stage.name}" >> beam.ParDo(Summarize(recipe, i))
                      | f"Merge summaries of {stage.name}" >> beam.CombineGlobally(
                          MergeSummaries(stage))
-                     | f"Finalize {stage.name}" >> beam.Map(stage.finalize))
+                     | f"Finalize {stage.name}" >> beam.Map(timed(stage.finalize, stage.name)))
         else:
             state = (rows | f"Key rows for {stage.name}" >> beam.ParDo(KeyByPartition(recipe, i))
                      | f"Group keys of {stage.name}" >> beam.GroupByKey()
-                     | f"Reduce groups of {stage.name}" >> beam.MapTuple(
+                     | f"Reduce groups of {stage.name}" >> beam.MapTuple(timed(
                          lambda part, tables, st=stage: (
-                             part, st.reduce(pa.concat_tables(list(tables)))))
+                             part, st.reduce(pa.concat_tables(list(tables)))), stage.name))
                      | f"Gather edges of {stage.name}" >> beam.CombineGlobally(ConcatTables())
-                     | f"Resolve {stage.name}" >> beam.Map(stage.resolve))
+                     | f"Resolve {stage.name}" >> beam.Map(timed(stage.resolve, stage.name)))
         state = state | f"Save state of {stage.name}" >> beam.Map(save_state, i)
         out = (rows | f"Run segment {i + 1}" >> beam.ParDo(
             RunSegment(recipe, i + 1), state=pvalue.AsSingleton(state)).with_outputs(

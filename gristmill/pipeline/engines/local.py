@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
+from gristmill.pipeline import observe
 from gristmill.pipeline.execution import (
     Segment,
     TaskStats,
@@ -38,7 +39,8 @@ from gristmill.pipeline.execution import (
     plan_segments,
     run_segment_batch,
 )
-from gristmill.pipeline.readers import FileReport, InputTask, read_task
+from gristmill.pipeline.inputs import InputReader, id_ledger_path
+from gristmill.pipeline.readers import FileReport, InputTask
 from gristmill.pipeline.recipe import Recipe
 from gristmill.pipeline.stage import DROPPED_SCHEMA, GlobalStage, ShuffleStage, Stage, merge_all
 from gristmill.pipeline.writers import ShardWriter, atomic_write_bytes, atomic_write_json, tmp_name
@@ -72,7 +74,7 @@ _STATE_CACHE: dict[str, Any] = {}
 
 
 def _stages_for(recipe: Recipe, segment_index: int) -> tuple[Segment, list[Stage]]:
-    key = recipe.fingerprint()
+    key = recipe.stage_cache_key()
     if key not in _STAGE_CACHE:
         _STAGE_CACHE[key] = recipe.build_stages()
     stages = _STAGE_CACHE[key]
@@ -82,6 +84,31 @@ def _stages_for(recipe: Recipe, segment_index: int) -> tuple[Segment, list[Stage
             st.setup()
             _SETUP_DONE.add((key, st.name))
     return segment, stages
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Pool initializer: end this worker when the engine's process dies, even by
+    ``kill -9`` (Linux ``PR_SET_PDEATHSIG``; elsewhere a thread that watches the
+    parent pid)."""
+    import signal
+    import sys
+    import threading
+
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent_pid:  # the parent died before prctl took effect
+            os._exit(1)
+        return
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def _load_state(path: Path) -> Any:
@@ -98,10 +125,9 @@ def task_dir(work: Path, segment: int, task: int) -> Path:
 
 
 def _input_batches(recipe: Recipe, work: Path, segment: Segment, task: InputTask,
-                   report: FileReport, stats: TaskStats):
+                   report: FileReport, stats: TaskStats, inputs: InputReader | None):
     if segment.index == 0:
-        spec = recipe.sources[task.source_index]
-        for batch in read_task(task, spec, report, recipe.engine.batch_size):
+        for batch in observe.timed_iter(iter(inputs), stats.timings, "read", "read"):
             stats.observe(batch, "in")
             yield batch
         return
@@ -111,11 +137,27 @@ def _input_batches(recipe: Recipe, work: Path, segment: Segment, task: InputTask
     with pa.memory_map(str(spill)) as source:
         reader = pa.ipc.open_file(source)
         for i in range(reader.num_record_batches):
-            yield pa.Table.from_batches([reader.get_batch(i)])
+            with observe.clock(stats.timings, "spill", "read"):
+                table = pa.Table.from_batches([reader.get_batch(i)])
+            yield table
 
 
 def run_task(recipe: Recipe, work: Path, segment_index: int, task: InputTask) -> dict[str, Any]:
-    """Run one task through one segment; idempotent (skips when its marker exists)."""
+    """Run one task through one segment; idempotent (skips when its marker exists).
+
+    A write that fails (disk full, quota, permissions) is re-raised as an
+    ``OSError`` that names the task's folder when the library that wrote did not
+    name the file (Arrow's writers do not)."""
+    try:
+        return _run_task(recipe, work, segment_index, task)
+    except OSError as e:
+        if e.filename or not e.errno:
+            raise
+        raise OSError(e.errno, os.strerror(e.errno),
+                      str(task_dir(work, segment_index, task.index))) from e
+
+
+def _run_task(recipe: Recipe, work: Path, segment_index: int, task: InputTask) -> dict[str, Any]:
     out = task_dir(work, segment_index, task.index)
     marker = out / "done.json"
     if marker.exists():
@@ -141,23 +183,31 @@ def run_task(recipe: Recipe, work: Path, segment_index: int, task: InputTask) ->
     elif isinstance(segment.exit, ShuffleStage):
         key_writers = [None] * P
     rows_out = 0
-    for batch in _input_batches(recipe, work, segment, task, report, stats):
+    inputs = None
+    if segment.index == 0:
+        inputs = InputReader(task, recipe.sources[task.source_index], report,
+                             recipe.engine.batch_size, id_ledger_path(work, task.index))
+    for batch in _input_batches(recipe, work, segment, task, report, stats, inputs):
         batch = run_segment_batch(segment, batch, entry_state, stats, dropped)
         if batch.num_rows == 0:
             continue
         rows_out += batch.num_rows
         if segment.is_last:
             stats.observe(batch, "out")
-            shard_writer.write(batch)
+            with observe.clock(stats.timings, "write", "write"):
+                shard_writer.write(batch)
             continue
-        if spill_writer is None:
-            spill_sink = pa.OSFile(str(tmp_name(out / "rows.arrow")), "wb")
-            spill_writer = pa.ipc.new_file(spill_sink, batch.schema)
-        spill_writer.write_table(batch)
+        with observe.clock(stats.timings, "spill", "write"):
+            if spill_writer is None:
+                spill_sink = pa.OSFile(str(tmp_name(out / "rows.arrow")), "wb")
+                spill_writer = pa.ipc.new_file(spill_sink, batch.schema)
+            spill_writer.write_table(batch)
         if isinstance(segment.exit, GlobalStage):
-            s = segment.exit.summarize(batch)
-            summary = s if summary is None else segment.exit.merge(summary, s)
-        else:
+            with observe.clock(stats.timings, segment.exit.name, "summarize"):
+                s = segment.exit.summarize(batch)
+                summary = s if summary is None else segment.exit.merge(summary, s)
+            continue
+        with observe.clock(stats.timings, segment.exit.name, "keys"):
             for p, part in enumerate(partition_keys(segment.exit.keys(batch), P)):
                 if part.num_rows == 0:
                     continue
@@ -178,7 +228,8 @@ def run_task(recipe: Recipe, work: Path, segment_index: int, task: InputTask) ->
     if isinstance(segment.exit, GlobalStage):
         atomic_write_bytes(out / "summary.pkl", pickle.dumps(summary))
     if shard_writer is not None:
-        result["shards"] = [s.to_dict() for s in shard_writer.close()]
+        with observe.clock(stats.timings, "write", "write"):
+            result["shards"] = [s.to_dict() for s in shard_writer.close()]
     if dropped:
         table = pa.concat_tables(dropped).cast(DROPPED_SCHEMA)
         tmp = tmp_name(out / "dropped.parquet")
@@ -190,7 +241,8 @@ def run_task(recipe: Recipe, work: Path, segment_index: int, task: InputTask) ->
             body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in report.rejects)
             atomic_write_bytes(out / "rejects.jsonl", body.encode())
             result["rejects_file"] = str(out / "rejects.jsonl")
-        result["file"] = {k: v for k, v in report.__dict__.items() if k != "rejects"}
+        result["file"] = {**{k: v for k, v in report.__dict__.items() if k != "rejects"},
+                          **inputs.fingerprint}
     result["stats"] = stats.to_json()
     atomic_write_json(marker, result)
     return result
@@ -203,6 +255,7 @@ def finish_barrier(recipe: Recipe, work: Path, segment: Segment, tasks: list[Inp
     state_path = seg_dir / "state.pkl"
     if state_path.exists():
         return _load_state(state_path)
+    started = observe.start_clock()
     if isinstance(stage, GlobalStage):
         summaries = []
         for t in tasks:
@@ -223,6 +276,7 @@ def finish_barrier(recipe: Recipe, work: Path, segment: Segment, tasks: list[Inp
                 if r is not None and r.num_rows:
                     reduced.append(r)
         state = stage.resolve(pa.concat_tables(reduced) if reduced else None)
+    observe.save_barrier_time(work, stage.name, "barrier", started)
     atomic_write_bytes(state_path, pickle.dumps(state))
     return state
 
@@ -264,7 +318,8 @@ class LocalEngine:
                 tick(t, run_task(self.recipe, work, segment_index, t))
         else:
             ctx = mp.get_context("spawn")
-            with cf.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=die_with_parent,
+                                        initargs=(os.getpid(),)) as pool:
                 futs = {pool.submit(run_task, self.recipe, work, segment_index, t): t
                         for t in tasks}
                 for fut in cf.as_completed(futs):

@@ -1,0 +1,199 @@
+"""What a run knows about its input files: fingerprints, changes, repeated ids.
+
+Fingerprints
+    Every input file is recorded with its size, modification time (ns) and an
+    ``xxh3_128`` hash of its bytes (xxHash3, 128 bits: a fast non-cryptographic
+    hash, enough to notice a changed file, not to resist a forger). Size and
+    mtime are taken when the run lists its inputs (``_work/run.json``); the hash
+    is computed by the task that reads the file and lands in the manifest.
+    A resume or re-run compares the inputs it finds with the recorded ones and
+    refuses (``InputsChanged``, exit 2) naming every added, removed or changed
+    file, unless ``--fresh``. A file whose mtime moved but whose size and hash
+    are unchanged (``touch``) is not a change.
+
+Repeated ids
+    The user's ``id`` is data, never identity (see ``stage.ROW_KEY``). A
+    reader task writes the ids it read, with their row keys, to a small
+    Parquet "id ledger" partitioned by a hash of the id; at commit the
+    partitions are counted one at a time (memory bounded by one partition) and
+    the manifest reports how many ids repeat, how many records carry them and
+    the first examples with their files and lines.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import xxhash
+
+from gristmill.pipeline.readers import FileReport, InputTask, read_task
+from gristmill.pipeline.recipe import RecipeError, SourceSpec
+from gristmill.pipeline.stage import KEY_POS_BITS, KEY_POS_MASK, ROW_KEY
+from gristmill.pipeline.writers import tmp_name
+
+HASH_NAME = "xxh3_128"
+ID_PARTITIONS = 16
+MAX_EXAMPLES = 10
+
+
+class InputsChanged(RecipeError):
+    """Inputs differ from the ones a partial or finished run recorded."""
+
+
+class InputChangedDuringRun(RuntimeError):
+    """An input file changed while a task was reading it."""
+
+
+def stat_file(path: str | Path) -> dict[str, int]:
+    st = os.stat(path)
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def hash_file(path: str | Path) -> str:
+    h = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def listing(tasks: list[InputTask]) -> list[dict[str, Any]]:
+    """The inputs of a run as recorded in ``_work/run.json``: path, size, mtime."""
+    return [{"path": t.path, **stat_file(t.path)} for t in tasks]
+
+
+def input_changes(recorded: list[dict[str, Any]], tasks: list[InputTask],
+                  check_hash: bool = False) -> list[str]:
+    """Human-readable differences between recorded inputs and the current ones.
+
+    With ``check_hash`` a file whose size is unchanged but whose mtime moved is
+    hashed and compared with the recorded ``xxh3_128`` (where one was recorded).
+    """
+    old = {r["path"]: r for r in recorded}
+    new = {t.path: t for t in tasks}
+    changes = [f"removed: {p}" for p in old if p not in new]
+    changes += [f"added: {p}" for p in new if p not in old]
+    for path in old.keys() & new.keys():
+        r, now = old[path], stat_file(path)
+        if now["size"] != r.get("size"):
+            changes.append(f"changed: {path} (size {r.get('size')} -> {now['size']} bytes)")
+        elif now["mtime_ns"] != r.get("mtime_ns"):
+            if check_hash and r.get(HASH_NAME):
+                if hash_file(path) != r[HASH_NAME]:
+                    changes.append(f"changed: {path} (same size, different content)")
+            else:
+                changes.append(f"changed: {path} (modified since it was read)")
+    return sorted(changes)
+
+
+def refuse_changed_inputs(changes: list[str], out: Path, what: str) -> None:
+    if changes:
+        listed = "\n  ".join(changes[:20])
+        more = f"\n  ... and {len(changes) - 20} more" if len(changes) > 20 else ""
+        raise InputsChanged(
+            f"inputs changed since the {what} in {out} was made:\n  {listed}{more}\n"
+            f"Run with --fresh to start over on the current inputs")
+
+
+class InputReader:
+    """Read one input file as canonical batches, and on the side: write its id
+    ledger, check that the file did not change while it was read, and hash it.
+
+    After iteration ``fingerprint`` holds size, mtime_ns and ``xxh3_128``.
+    """
+
+    def __init__(self, task: InputTask, spec: SourceSpec, report: FileReport,
+                 batch_size: int, ledger: Path | None) -> None:
+        self.task, self.spec, self.report = task, spec, report
+        self.batch_size = batch_size
+        self.ledger_path = ledger
+        self.fingerprint: dict[str, Any] = {}
+
+    def __iter__(self) -> Iterator[pa.Table]:
+        # a vanished or unreadable (permissions) input is a fault of the machine, not
+        # bad data: it stops the run with one line (exit 1), and the run resumes once
+        # the cause is fixed; an input that opens but cannot be parsed is a reject
+        before = stat_file(self.task.path)
+        with open(self.task.path, "rb"):
+            pass
+        ids: list[pa.Table] = []
+        for batch in read_task(self.task, self.spec, self.report, self.batch_size):
+            if self.ledger_path is not None:
+                ids.append(batch.select(["id", ROW_KEY]))
+            yield batch
+        after = stat_file(self.task.path)
+        if after != before:
+            raise InputChangedDuringRun(
+                f"input {self.task.path} changed while it was read (size {before['size']} -> "
+                f"{after['size']}); rerun when the input is stable")
+        self.fingerprint = {**after, HASH_NAME: hash_file(self.task.path)}
+        if self.ledger_path is not None:
+            write_id_ledger(self.ledger_path, ids)
+
+
+def id_ledger_path(work: Path, task_index: int) -> Path:
+    """Where the reader task of input ``task_index`` writes its id ledger (any engine)."""
+    return Path(work) / "ids" / f"task-{task_index:05d}.parquet"
+
+
+def _id_partition(ids: pa.Array | pa.ChunkedArray) -> pa.Array:
+    import polars as pl
+
+    h = pl.Series(values=ids).fill_null("").hash(seed=0)
+    return pa.array((h % ID_PARTITIONS).cast(pl.UInt8).to_numpy(), pa.uint8())
+
+
+def write_id_ledger(path: Path, tables: list[pa.Table]) -> None:
+    """(part, id, row key) of every record read, one row group per partition."""
+    schema = pa.schema([("part", pa.uint8()), ("id", pa.string()), (ROW_KEY, pa.uint64())])
+    if tables:
+        t = pa.concat_tables(tables).combine_chunks()
+        t = pa.Table.from_arrays([_id_partition(t.column("id")), t.column("id"),
+                                  t.column(ROW_KEY)], schema=schema).sort_by("part")
+    else:
+        t = schema.empty_table()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_name(path)
+    with pq.ParquetWriter(tmp, schema, compression="zstd") as w:
+        parts = t.column("part").to_numpy()
+        bounds = parts.searchsorted(list(range(ID_PARTITIONS + 1)))
+        for p in range(ID_PARTITIONS):
+            if bounds[p + 1] > bounds[p]:
+                w.write_table(t.slice(bounds[p], bounds[p + 1] - bounds[p]))
+    os.replace(tmp, path)
+
+
+def repeated_ids(ledgers: list[Path], file_labels: dict[int, str]) -> dict[str, Any]:
+    """Count ids that occur on more than one record, one partition at a time."""
+    import polars as pl
+
+    ledgers = [p for p in ledgers if p.exists()]
+    total_ids = repeated = records = 0
+    examples: list[dict[str, Any]] = []
+    if not ledgers:
+        return {"repeated_ids": 0, "records_with_repeated_id": 0, "examples": []}
+    scan = pl.scan_parquet([str(p) for p in ledgers])
+    for p in range(ID_PARTITIONS):
+        counts = (scan.filter(pl.col("part") == p)
+                  .group_by("id").agg(pl.len().alias("n"), pl.col(ROW_KEY).min().alias("first"),
+                                      pl.col(ROW_KEY).sort().head(3).alias("keys"))
+                  .collect())
+        total_ids += counts.height
+        dup = counts.filter(pl.col("n") > 1)
+        repeated += dup.height
+        records += int(dup["n"].sum() or 0)
+        if len(examples) < MAX_EXAMPLES and dup.height:
+            for row in dup.sort("first").head(MAX_EXAMPLES).iter_rows(named=True):
+                examples.append({"id": row["id"][:200], "count": row["n"], "at": [
+                    f"{file_labels.get(k >> KEY_POS_BITS, '?')}:{k & KEY_POS_MASK}"
+                    for k in row["keys"]], "first": row["first"]})
+    examples = sorted(examples, key=lambda e: e["first"])[:MAX_EXAMPLES]
+    for e in examples:
+        del e["first"]
+    return {"distinct_ids": total_ids, "repeated_ids": repeated,
+            "records_with_repeated_id": records, "examples": examples}
