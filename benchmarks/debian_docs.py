@@ -83,17 +83,24 @@ def html_sections(path: str) -> list[str]:
     return out
 
 
-def corpus_documents(corpus: str, lang: str) -> list[str]:
-    """Every section of ``corpus`` in ``lang`` (empty when the package is not installed)."""
+def corpus_pages(corpus: str, lang: str) -> list[list[str]]:
+    """The sections of every page of ``corpus`` in ``lang``, page by page."""
     pattern = CORPORA[corpus].get(lang)
     if pattern is None:
         return []
-    docs: list[str] = []
+    pages = []
     for path in sorted(glob.glob(pattern)):
         if os.path.basename(path).startswith("index") and corpus == "debian-handbook":
             continue
-        docs.extend(html_sections(path))
-    return docs
+        sections = html_sections(path)
+        if sections:
+            pages.append(sections)
+    return pages
+
+
+def corpus_documents(corpus: str, lang: str) -> list[str]:
+    """Every section of ``corpus`` in ``lang`` (empty when the package is not installed)."""
+    return [doc for page in corpus_pages(corpus, lang) for doc in page]
 
 
 def language_documents(lang: str, corpora: list[str] | None = None) -> list[str]:
