@@ -15,12 +15,15 @@ from pydantic import ValidationError
 from scipy.sparse import csr_matrix
 
 from gristmill.pipeline.execution import partition_keys
+from gristmill.selectors.dedup import best_first_survivors
 from gristmill.selectors.minhash import (
     MinHashDedup,
     _normalize,
+    agreements_needed,
     optimal_bands,
     shingle_hashes,
     signatures,
+    verified_bands,
 )
 
 RNG_TEXTS = np.random.RandomState(5)
@@ -198,7 +201,7 @@ def test_near_duplicate_clusters_match_brute_force_jaccard(scheme):
 
 def test_bands_with_many_rows_key_and_find_identical_texts():
     # a high threshold chooses few bands of many rows (more rows than 128)
-    st = MinHashDedup({"threshold": 0.99, "num_perm": 512})
+    st = MinHashDedup({"threshold": 0.99, "num_perm": 512, "verify": False})
     assert st.rows > 128
     text = " ".join(f"w{i}" for i in range(300))
     (batch,) = keyed(pa.table({"id": ["a", "b", "c"],
@@ -216,3 +219,106 @@ def test_survivor_is_the_longest_member_then_the_smallest_id():
     # "b" and "a" tie on length (105 characters), the smaller id wins
     assert state.column("id").to_pylist() == ["b", "c"]
     assert set(state.column("survivor").to_pylist()) == {"a"}
+
+
+def _shingle_jaccard(a: str, b: str, n: int = 5) -> float:
+    def grams(t: str) -> set[str]:
+        w = t.split()
+        return {" ".join(w[i:i + n]) for i in range(len(w) - n + 1)}
+    x, y = grams(a), grams(b)
+    return len(x & y) / len(x | y)
+
+
+def _run(st: MinHashDedup, batch: pa.Table, partitions: int = 3) -> pa.Table:
+    keys = st.keys(batch)
+    return st.resolve(pa.concat_tables([st.reduce(p) for p in partition_keys(keys, partitions)]))
+
+
+def test_verified_policy_never_drops_through_a_chain_that_transitive_clusters_do():
+    # A ~ B (J = 0.77) and B ~ C (0.77), but J(A, C) = 0.59: below the threshold
+    words = [f"w{i}" for i in range(300)]
+    texts = [" ".join(words[s: s + 200]) for s in (0, 25, 50)]
+    assert _shingle_jaccard(texts[0], texts[1]) > 0.75 > 0.6 > _shingle_jaccard(texts[0],
+                                                                                 texts[2])
+    (batch,) = keyed(pa.table({"id": ["a", "b", "c"], "text": texts, "q": [3.0, 2.0, 1.0]}))
+    params = {"threshold": 0.7, "num_perm": 512, "keep": {"column": "q"}}
+    state = state_by_id(_run(MinHashDedup(params), batch), [batch])
+    assert state.column("id").to_pylist() == ["b"]
+    assert state.column("survivor").to_pylist() == ["a"]
+    # the transitive policy (verify: false), with bands that surely pair a-b and b-c,
+    # drops c for a through b
+    old = state_by_id(_run(MinHashDedup({**params, "verify": False, "bands": 64, "rows": 8}),
+                           batch), [batch])
+    assert old.column("id").to_pylist() == ["b", "c"]
+    assert set(old.column("survivor").to_pylist()) == {"a"}
+
+
+def test_every_dropped_record_is_verified_against_a_kept_survivor_on_long_chains():
+    # 40 windows of one word stream, 10 words apart: neighbours J = 0.90, five apart 0.59
+    threshold, k = 0.7, 512
+    words = [f"w{i}" for i in range(700)]
+    texts = [" ".join(words[10 * i: 10 * i + 200]) for i in range(40)]
+    rng = np.random.RandomState(1)
+    ids = [f"d{i:02d}" for i in range(40)]
+    (batch,) = keyed(pa.table({"id": ids, "text": texts, "q": rng.permutation(40).astype(float)}))
+    st = MinHashDedup({"threshold": threshold, "num_perm": k, "keep": {"column": "q"}})
+    state = state_by_id(_run(st, batch), [batch])
+    dropped = state.column("id").to_pylist()
+    survivors = state.column("survivor").to_pylist()
+    kept = set(ids) - set(dropped)
+    assert 0 < len(dropped) < 40 and set(survivors) <= kept
+    h, d = shingle_hashes(pa.array(texts), "word", 5)
+    sig = signatures(h, d, len(texts), k, 1, "affine32")
+    for a, b in zip(dropped, survivors, strict=True):
+        i, j = ids.index(a), ids.index(b)
+        assert (sig[i].astype(np.uint8) == sig[j].astype(np.uint8)).sum() >= st.agreements
+        assert _shingle_jaccard(texts[i], texts[j]) >= threshold - 0.05
+    # greedy best first: no two kept records are verified duplicates of each other
+    kept_idx = sorted(ids.index(i) for i in kept)
+    for i, j in itertools.combinations(kept_idx, 2):
+        assert _shingle_jaccard(texts[i], texts[j]) < threshold + 0.05
+
+
+def _sequential_survivors(score, better, worse):
+    n = len(score)
+    order = sorted(range(n), key=lambda i: (-score[i], i))
+    nbrs = defaultdict(set)
+    for u, v in zip(better, worse, strict=True):
+        nbrs[u].add(v)
+        nbrs[v].add(u)
+    rank = {v: r for r, v in enumerate(order)}
+    survivor = list(range(n))
+    kept = set()
+    for v in order:
+        up = sorted((u for u in nbrs[v] if rank[u] < rank[v] and u in kept), key=rank.get)
+        if up:
+            survivor[v] = up[0]
+        else:
+            kept.add(v)
+    return survivor
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_best_first_survivors_equal_a_sequential_visit(seed):
+    rng = np.random.RandomState(seed)
+    n = 300 if seed < 3 else 200
+    score = rng.randint(0, 20, n).astype(float)
+    if seed < 3:
+        better, worse = rng.randint(0, n, 900), rng.randint(0, n, 900)
+        keep = better != worse
+        better, worse = better[keep], worse[keep]
+    else:  # one path in rank order: 200 rounds, past MAX_ROUNDS, ends in the loop
+        score = np.arange(n, 0, -1).astype(float)
+        better, worse = np.arange(n - 1), np.arange(1, n)
+    got = best_first_survivors(score, better, worse)
+    assert got.tolist() == _sequential_survivors(score, better.tolist(), worse.tolist())
+
+
+def test_verified_bands_are_more_permissive_than_datasketch_and_minimize_the_objective():
+    assert verified_bands(0.8, 128) == (16, 8)
+    for t in (0.5, 0.7, 0.8, 0.9):
+        vb, vr = verified_bands(t, 128)
+        db, dr = optimal_bands(t, 128)
+        assert 1 - (1 - t ** vr) ** vb > 1 - (1 - t ** dr) ** db  # catches more at t
+    assert agreements_needed(0.8, 128, 32) == 103  # ceil(0.8 * 128) = 103
+    assert agreements_needed(0.8, 128, 8) == 103  # 0.8 + 0.2 / 256: still 103 of 128

@@ -122,7 +122,8 @@ def test_native_band_keys_equal_numpy_for_both_signature_dtypes():
 def test_stage_keys_are_the_same_table_with_either_kernel(scheme):
     texts = _random_texts(4, 300)
     texts += texts[:40]  # exact copies: candidates in every band
-    batch = pa.table({"id": [f"r{i:04d}" for i in range(len(texts))], "text": texts})
+    batch = pa.table({"_key": pa.array(range(len(texts)), pa.uint64()),
+                      "id": [f"r{i:04d}" for i in range(len(texts))], "text": texts})
     numpy_stage = MinHashDedup({"scheme": scheme, "kernel": "numpy", "verify": True})
     native_stage = MinHashDedup({"scheme": scheme, "kernel": "native", "verify": True})
     assert (numpy_stage.backend, native_stage.backend) == ("numpy", "native")
@@ -168,7 +169,8 @@ import warnings
 import pyarrow as pa
 import pytest
 from gristmill.selectors.minhash import MinHashDedup
-batch = pa.table({"id": ["a", "b"], "text": ["one two three four five six", "one two"]})
+batch = pa.table({"_key": pa.array([0, 1], pa.uint64()), "id": ["a", "b"],
+                  "text": ["one two three four five six", "one two"]})
 with pytest.warns(RuntimeWarning, match=r"C\\+\\+ MinHash kernel failed"):
     stage = MinHashDedup({})
     assert stage.backend == "numpy"

@@ -1,19 +1,36 @@
-"""Cluster deduplication: records that share a key are one cluster; keep its best.
+"""Cluster deduplication: records that share a key are candidates; keep the best.
 
 Both exact dedup (key = hash of the normalized text) and MinHash near dedup
 (keys = LSH band hashes) are the same shuffle::
 
-    keys(batch)      -> (key, id, score) rows, one or more per record
+    keys(batch)      -> (key, row key, score) rows, one or more per record
     engine shuffle   -> partitions holding whole key groups
-    reduce(part)     -> edges member -> best member of its group
-    resolve(edges)   -> connected components (union-find); the survivor of a
-                        cluster is its best member; state = dropped ids only
-    apply(batch, st) -> drop the ids in the state
+    reduce(part)     -> edges member -> better member
+    resolve(edges)   -> the dropped records, each with the kept survivor it
+                        duplicates; state = dropped row keys only
+    apply(batch, st) -> drop the row keys in the state
 
 "Best" is the highest ``score`` (by default the text length in characters,
 configurable with ``keep: {column: NAME, order: max|min}``), ties broken by
-the smallest id, so the survivor never depends on arrival order, partitioning
-or engine.
+the smallest row key, so the survivor never depends on arrival order,
+partitioning or engine.
+
+Two policies turn edges into drops:
+
+- *transitive* (exact dedup, and MinHash with ``verify: false``): every
+  member of a group gets an edge to the group's best; connected components
+  of all edges are clusters and every member but the best is dropped. Right
+  for exact duplicates (equality is transitive); for LSH candidates it lets
+  chains A~B~C drop C for A however far apart they are.
+- *verified* (MinHash's default, ``pairwise = True``): each member of a group
+  is compared with the group's first ``MAX_ANCHORS`` (best) members by
+  ``verify_pairs``; only pairs that pass become edges, pointing from the
+  worse record to the better one. Records are then decided best first: a
+  record is dropped when one of its verified better neighbours is kept, and
+  kept otherwise (the lexicographically first maximal independent set of the
+  verified graph). So every dropped record is verified against its
+  survivor, and survivor is kept: a chain through a dropped record never
+  drops anything.
 """
 
 from __future__ import annotations
@@ -45,6 +62,90 @@ EDGES_SCHEMA = pa.schema([(ROW_KEY, pa.uint64()), ("score", pa.float64()),
                           ("best_key", pa.uint64()), ("best_score", pa.float64())])
 STATE_SCHEMA = pa.schema([(ROW_KEY, pa.uint64()), ("cluster", pa.string()),
                           ("survivor", pa.uint64())])
+#: in the verified policy, each member of a group is compared with this many of the
+#: group's best members (a group of m records costs at most m * MAX_ANCHORS checks)
+MAX_ANCHORS = 8
+#: rounds of the vectorized best-first decision before the rest is decided in a loop
+MAX_ROUNDS = 64
+
+
+def _anchor_pairs(group_first: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Row pairs (better, member) of a sorted table: every row with each of the first
+    ``MAX_ANCHORS`` rows of its group that come before it."""
+    pos = np.arange(group_first.size) - group_first
+    member = np.flatnonzero(pos >= 1)
+    betters, members = [], []
+    for a in range(MAX_ANCHORS):
+        member = member[pos[member] > a]
+        if member.size == 0:
+            break
+        betters.append(group_first[member] + a)
+        members.append(member)
+    if not members:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate(betters), np.concatenate(members)
+
+
+def best_first_survivors(score: np.ndarray, better: np.ndarray,
+                         worse: np.ndarray) -> np.ndarray:
+    """Decide nodes best first over verified edges; the survivor of every node.
+
+    Nodes are ranked by ``score`` descending, then index. Visiting them in that
+    order, a node is dropped when one of its better neighbours (edges
+    ``worse[i] -> better[i]``) was kept, and kept otherwise: the
+    lexicographically first maximal independent set of the graph. A dropped
+    node's survivor is its best kept better neighbour; a kept node is its own.
+
+    The visit is vectorized in rounds: a node is decided as soon as one better
+    neighbour is kept (dropped) or all of them are dropped (kept); every round
+    decides at least the best undecided node. Chains longer than ``MAX_ROUNDS``
+    finish in a plain loop.
+
+    Examples
+    --------
+    >>> # 0 > 1 > 2 by score; 0~1 and 1~2 verified, 0 and 2 not: 1 goes, 2 stays
+    >>> best_first_survivors(np.array([3.0, 2.0, 1.0]), np.array([0, 1]), np.array([1, 2]))
+    array([0, 0, 2])
+    """
+    n = score.size
+    order = np.lexsort((np.arange(n), -score))
+    rank = np.empty(n, dtype=np.int64)
+    rank[order] = np.arange(n)
+    worse, better = np.asarray(worse, np.int64), np.asarray(better, np.int64)
+    swap = rank[better] > rank[worse]  # orient every edge from the worse to the better end
+    worse, better = np.where(swap, better, worse), np.where(swap, worse, better)
+    status = np.zeros(n, dtype=np.int8)  # 0 undecided, 1 kept, 2 dropped
+    status[np.setdiff1d(np.arange(n), worse)] = 1  # no better neighbour at all
+    live = status[worse] == 0
+    w, b = worse[live], better[live]
+    rounds = 0
+    while w.size and rounds < MAX_ROUNDS:
+        rounds += 1
+        sb = status[b]
+        has_kept = np.zeros(n, dtype=bool)
+        has_kept[w[sb == 1]] = True
+        has_open = np.zeros(n, dtype=bool)
+        has_open[w[sb == 0]] = True
+        undecided = status == 0
+        status[undecided & has_kept] = 2
+        status[undecided & ~has_kept & ~has_open] = 1
+        live = status[w] == 0
+        w, b = w[live], b[live]
+    if w.size:
+        # long chains: the rest in rank order, one node at a time
+        by_w = np.argsort(rank[w], kind="stable")
+        w, b = w[by_w], b[by_w]
+        bounds = np.flatnonzero(np.r_[True, w[1:] != w[:-1], True])
+        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+            status[w[lo]] = 2 if (status[b[lo:hi]] == 1).any() else 1
+    survivor = np.arange(n)
+    kept_edge = (status[worse] == 2) & (status[better] == 1)
+    kw, kb = worse[kept_edge], better[kept_edge]
+    pick = np.lexsort((rank[kb], kw))
+    kw, kb = kw[pick], kb[pick]
+    first = np.r_[True, kw[1:] != kw[:-1]] if kw.size else np.zeros(0, dtype=bool)
+    survivor[kw[first]] = kb[first]
+    return survivor
 
 
 class KeepSpec(BaseModel):
@@ -67,12 +168,19 @@ class ClusterDedup(ShuffleStage):
     Subclasses implement ``record_keys(batch) -> (keys, rows, extra)``: uint64
     keys, for each key the index of the row it belongs to (a record may have
     many keys, as MinHash has one per band), and extra columns of the keys
-    table (one value per key; MinHash may add signatures). ``verify`` may
-    reject candidate edges. ``reason`` names the drop.
+    table (one value per key; MinHash adds signature sketches). A stage with
+    ``pairwise`` true implements ``verify_pairs`` and gets the verified policy
+    (module doc); otherwise groups are joined transitively. ``reason`` names
+    the drop.
     """
 
     reason: ClassVar[str] = "duplicate"
     text_column: ClassVar[str] = "text"
+
+    @property
+    def pairwise(self) -> bool:
+        """Whether candidates are verified pair by pair (the verified policy)."""
+        return False
 
     def input_columns(self) -> tuple[str, ...]:
         col = self.params.keep.column
@@ -82,10 +190,12 @@ class ClusterDedup(ShuffleStage):
     def record_keys(self, batch: pa.Table) -> tuple[np.ndarray, np.ndarray, dict[str, pa.Array]]:
         raise NotImplementedError
 
-    def verify(self, group: pa.Table, member: np.ndarray, best: np.ndarray) -> np.ndarray | None:
-        """Which candidate edges ``member[i] -> best[i]`` (row indices of the sorted
-        partition ``group``) are real; None keeps them all."""
-        return None
+    def verify_pairs(self, group: pa.Table, better: np.ndarray,
+                     member: np.ndarray) -> np.ndarray:
+        """Which candidate pairs ``(better[i], member[i])`` (row indices of the
+        partition table ``group``) are duplicates: a boolean mask."""
+        raise NotImplementedError(f"{type(self).__name__} sets pairwise but does not "
+                                  "implement verify_pairs")
 
     def scores(self, batch: pa.Table) -> np.ndarray:
         """Survivor criterion per row, higher is better (nulls rank last)."""
@@ -118,10 +228,13 @@ class ClusterDedup(ShuffleStage):
 
     # -- reduce ----------------------------------------------------------------
     def reduce(self, partition: pa.Table) -> pa.Table:
-        """One edge per member of every group of two or more: member -> group best.
+        """Edges "member -> better member" of every group of two or more.
 
-        Sorting by (key, score desc, row key asc) puts each group's best first, so the
-        whole partition is handled with one sort and array arithmetic.
+        Sorting by (key, score desc, row key asc) puts each group's best first,
+        so the whole partition is handled with one sort and array arithmetic.
+        Transitive policy: one edge per member, to its group's best. Verified
+        policy: candidate pairs (member, one of the group's first
+        ``MAX_ANCHORS``), each distinct pair checked once by ``verify_pairs``.
         """
         if partition is None or partition.num_rows < 2:
             return EDGES_SCHEMA.empty_table()
@@ -130,17 +243,39 @@ class ClusterDedup(ShuffleStage):
         key = t.column("key").to_numpy()
         start = np.ones(key.size, dtype=bool)
         start[1:] = key[1:] != key[:-1]
-        group_first = np.maximum.accumulate(np.where(start, np.arange(key.size), 0))
-        member = np.flatnonzero(~start)
+        if self.pairwise:
+            # most groups are single records: keep only the rows of larger groups
+            gid = np.cumsum(start) - 1
+            in_group = np.bincount(gid)[gid] >= 2
+            if not in_group.any():
+                return EDGES_SCHEMA.empty_table()
+            t = t.filter(pa.array(in_group))
+            start = start[in_group]
+        group_first = np.maximum.accumulate(np.where(start, np.arange(start.size), 0))
+        ids_np = t.column(ROW_KEY).to_numpy()
+        if self.pairwise:
+            better, member = _anchor_pairs(group_first)
+            # a pair shares several bands: check each distinct (better, member) once
+            order = np.lexsort((ids_np[member], ids_np[better]))
+            better, member = better[order], member[order]
+            first = np.ones(better.size, dtype=bool)
+            first[1:] = ((ids_np[better][1:] != ids_np[better][:-1])
+                         | (ids_np[member][1:] != ids_np[member][:-1]))
+            better, member = better[first], member[first]
+            # a record keyed twice into one group (a band-key collision) is no pair
+            distinct = ids_np[better] != ids_np[member]
+            better, member = better[distinct], member[distinct]
+            if member.size:
+                ok = np.asarray(self.verify_pairs(t, better, member), dtype=bool)
+                better, member = better[ok], member[ok]
+        else:
+            member = np.flatnonzero(~start)
+            better = group_first[member]
         if member.size == 0:
             return EDGES_SCHEMA.empty_table()
-        best = group_first[member]
-        ok = self.verify(t, member, best)
-        if ok is not None:
-            member, best = member[ok], best[ok]
         ids = t.column(ROW_KEY).combine_chunks()
         score = t.column("score").combine_chunks()
-        m, b = pa.array(member), pa.array(best)
+        m, b = pa.array(member), pa.array(better)
         edges = pa.Table.from_arrays([ids.take(m), score.take(m), ids.take(b), score.take(b)],
                                      schema=EDGES_SCHEMA)
         # a record keyed twice into one group (MinHash bands that collide) is no edge
@@ -148,11 +283,14 @@ class ClusterDedup(ShuffleStage):
 
     # -- resolve ---------------------------------------------------------------
     def resolve(self, reduced: pa.Table | None) -> pa.Table:
-        """Connected components over all edges; the survivor is each cluster's best.
+        """The dropped records and their survivors, by the stage's policy (module doc).
 
+        Transitive: connected components over all edges, the survivor is each
+        component's best. Verified: best first over the verified edges, the
+        survivor is the best kept record the dropped one was verified against.
         Returns the dropped records only (row key, cluster, survivor's row key),
-        sorted by row key, so
-        memory is proportional to the duplicates, not the corpus.
+        sorted by row key, so memory is proportional to the duplicates, not
+        the corpus.
         """
         if reduced is None or reduced.num_rows == 0:
             return STATE_SCHEMA.empty_table()
@@ -167,6 +305,9 @@ class ClusterDedup(ShuffleStage):
         node_score = np.empty(n, dtype=np.float64)
         node_score[idx] = both_score
         e = reduced.num_rows
+        if self.pairwise:
+            survivor = best_first_survivors(node_score, idx[e:], idx[:e])
+            return self._state(nodes, survivor)
         graph = coo_matrix((np.ones(e, dtype=np.int8), (idx[:e], idx[e:])), shape=(n, n))
         _, comp = connected_components(graph, directed=False)
         # best first within a component: score descending, then smallest row key (index)
@@ -176,8 +317,11 @@ class ClusterDedup(ShuffleStage):
         first[1:] = comp_sorted[1:] != comp_sorted[:-1]
         survivor_of_comp = np.empty(comp.max() + 1, dtype=np.int64)
         survivor_of_comp[comp_sorted[first]] = order[first]
-        survivor = survivor_of_comp[comp]
-        dropped = np.flatnonzero(survivor != np.arange(n))
+        return self._state(nodes, survivor_of_comp[comp])
+
+    def _state(self, nodes: np.ndarray, survivor: np.ndarray) -> pa.Table:
+        """STATE_SCHEMA rows for the nodes whose survivor (a node index) is not themselves."""
+        dropped = np.flatnonzero(survivor != np.arange(nodes.size))
         surv = nodes[survivor[dropped]]
         cluster = np.char.mod("%016x", mix64(surv, seed=self.seed, salt=self.name))
         return pa.Table.from_arrays(
