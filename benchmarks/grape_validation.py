@@ -1,4 +1,12 @@
-"""GRAPE validation: does SFT on the responses that fit the base model beat the alternatives?
+"""SMOKE TEST ONLY, answer built in: GRAPE on synthetic styles (retired as evidence).
+
+Retired by issue 12: the base model is pretrained on the ``plain`` style and
+the candidates differ only in format, so GRAPE must pick ``plain``. It checks
+that the machinery runs; it proves nothing about real data. The evidence is
+``benchmarks/grape_real.py`` (real package descriptions, responses that
+differ in content and quality).
+
+GRAPE validation: does SFT on the responses that fit the base model beat the alternatives?
 
 "The Best Instruction-Tuning Data are Those That Fit" (Zhang et al., 2025) picks,
 per instruction, the candidate response with the highest length-normalized

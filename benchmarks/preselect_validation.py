@@ -1,4 +1,12 @@
-"""PreSelect end to end on a synthetic multi-domain corpus, validated by training fresh LMs.
+"""SMOKE TEST ONLY, answer built in: PreSelect on a synthetic corpus (retired as evidence).
+
+Retired by issue 12: the family differs only in its share of the ``arith``
+domain and the benchmark is ``arith`` loss, so S = 1 exactly for ``arith``
+documents and the selection is 100% ``arith`` by construction. It checks that
+the machinery runs; it proves nothing about real data. The evidence is
+``benchmarks/preselect_real.py`` (real text, DCLM-style and other baselines).
+
+PreSelect end to end on a synthetic multi-domain corpus, validated by training fresh LMs.
 
 Steps (each through gristmill's own pieces):
 
