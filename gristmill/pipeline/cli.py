@@ -19,21 +19,67 @@ COMMAND_MODULES: list[str] = [
     "gristmill.trainers.lm_cli",
     "gristmill.pipeline.examples",
     "gristmill.pipeline.real_corpus_cli",
+    "gristmill.cli.stages",
 ]
 
 
+class _Parser(argparse.ArgumentParser):
+    """No abbreviated options (``--worker 2`` is an error, not ``--workers``), and
+    "did you mean" for a mistyped subcommand."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        if "invalid choice:" in message:
+            import difflib
+            import re
+
+            m = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+            if m:
+                choices = re.findall(r"'([^']*)'", m.group(2)) or m.group(2).split(", ")
+                close = difflib.get_close_matches(m.group(1), choices, n=3, cutoff=0.5)
+                if close:
+                    message += f"; did you mean {' or '.join(close)}?"
+        super().error(message)
+
+
+def _quiet_on_broken_pipe(main):
+    """``gristmill inspect out | head`` ends quietly when ``head`` closes the pipe."""
+    import functools
+    import os
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except BrokenPipeError:
+            # Python flushes stdout at exit; point it at devnull so that flush cannot fail
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            return 1
+
+    return wrapper
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from gristmill import __version__
+
+    parser = _Parser(
         prog="gristmill",
         description="Data selection and curation for LLM pretraining and fine-tuning.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.add_argument("--version", action="version", version=f"gristmill {__version__}",
+                        help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     for module in COMMAND_MODULES:
         importlib.import_module(module).add_parser(sub)
     return parser
 
 
+@_quiet_on_broken_pipe
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)

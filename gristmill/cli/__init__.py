@@ -1,0 +1,1 @@
+"""Every subcommand's argument parsing and printing (the ``gristmill`` command)."""
