@@ -77,6 +77,12 @@ def _summary(out: Path, manifest: dict) -> dict:
         "files": manifest["files"],
         "rejects": [(out / f).read_text() for f in manifest["rejects"]],
         "reconciled": manifest["counts"]["reconciled"],
+        # what the report shows: the same samples, distributions and clusters everywhere,
+        # and a time for every stage
+        "observed": {k: v for k, v in json.loads((out / "stats.json").read_text()).items()
+                     if k in ("samples", "columns", "clusters")},
+        "timed": sorted({s["stage"] for s in STAGES} & {t["stage"] for t in
+                                                         manifest["timings"]["stages"]}),
     }
 
 
@@ -94,6 +100,8 @@ def test_local_run_removes_exact_and_near_duplicates(local_result):
     assert {"exact_duplicate", "near_duplicate"} <= reasons
     assert len(local_result["rejects"]) == 2 and local_result["reconciled"]
     assert {f["status"] for f in local_result["files"]} == {"ok", "truncated"}
+    assert local_result["timed"] == sorted(s["stage"] for s in STAGES)
+    assert set(local_result["observed"]["clusters"]) == {"exact_dedup", "minhash_dedup"}
 
 
 def test_dask_local_cluster_gives_the_local_engine_output(dup_corpus, tmp_path, local_result):
