@@ -8,14 +8,19 @@ Parquet columns losing the whole file, an int ``text`` quietly cast.
 
 from __future__ import annotations
 
+import gzip
 import json
+import random
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
+import zstandard
 
 from gristmill.pipeline.readers import FileReport, InputTask, read_task
 from gristmill.pipeline.recipe import SourceSpec, parse_recipe
@@ -194,6 +199,111 @@ def test_rejected_lines_keep_their_keys_unused_and_kept_lines_keep_theirs(tmp_pa
     assert {k >> 40 for k in table.column(ROW_KEY).to_pylist()} == {3}
     assert not set(_reasons(report)) & set(good)
     assert report.records == len(good) + report.rejected
+
+
+# ---- truncated and corrupt archives -------------------------------------------------------
+
+def _corpus_lines(n: int, seed: int = 0) -> list[bytes]:
+    rng = random.Random(seed)
+    words = "mill grain river stone flour wheel water season bread field".split()
+    return [json.dumps({"text": " ".join(rng.choices(words, k=rng.randint(5, 80))) + f" #{i}"})
+            .encode() for i in range(n)]
+
+
+def _compress(kind: str, body: bytes) -> bytes:
+    if kind == "gz":
+        return gzip.compress(body, compresslevel=1)
+    return zstandard.ZstdCompressor(level=3).compress(body)
+
+
+def _recoverable(kind: str, data: bytes) -> bytes:
+    """What the library itself decodes from a cut file, fed whole (multi-member aware)."""
+    out = b""
+    while data:
+        d = zlib.decompressobj(wbits=31) if kind == "gz" else \
+            zstandard.ZstdDecompressor().decompressobj()
+        out += d.decompress(data)
+        data = d.unused_data if d.eof else b""
+    return out
+
+
+@pytest.mark.parametrize("kind", ["gz", "zst"])
+@pytest.mark.parametrize("members", [1, 3])
+def test_truncated_archive_keeps_every_complete_line_before_the_cut(tmp_path, kind, members):
+    lines = _corpus_lines(12_000)
+    per = len(lines) // members
+    blob = b"".join(_compress(kind, b"\n".join(lines[i * per:(i + 1) * per]) + b"\n")
+                    for i in range(members))
+    cut = blob[: int(len(blob) * 0.6)]
+    path = tmp_path / f"cut.jsonl.{kind}"
+    path.write_bytes(cut)
+    recovered = _recoverable(kind, cut)
+    complete = recovered[: recovered.rfind(b"\n") + 1].count(b"\n")
+    table, report = _read(path)
+    assert report.status == "truncated" and "truncated" in report.error
+    assert complete > 0.5 * len(lines)
+    assert table.num_rows == complete  # down to the last complete line
+    assert table.column("text").to_pylist() == [json.loads(s)["text"] for s in lines[:complete]]
+    reasons = _reasons(report)
+    assert list(reasons.values()) == ["incomplete last line of a truncated file"]
+    assert report.records == complete + 1 and report.rejected == 1
+
+
+def test_truncated_zstd_keeps_the_output_of_the_read_that_hits_the_end(tmp_path):
+    # the cut lands a little past the first MiB of compressed input: the last read
+    # decodes a few lines and then meets the end of the file
+    rng = random.Random(3)
+    lines = [json.dumps({"text": "".join(rng.choices("abcdefghijklmnopqrstuvwxyz0123456789 ",
+                                                     k=200))}).encode() for _ in range(12_000)]
+    blob = _compress("zst", b"\n".join(lines) + b"\n")
+    assert len(blob) > (1 << 20) + 40_000
+    cut = blob[: (1 << 20) + 30_000]
+    path = tmp_path / "cut.jsonl.zst"
+    path.write_bytes(cut)
+    recovered = _recoverable("zst", cut)
+    complete = recovered[: recovered.rfind(b"\n") + 1].count(b"\n")
+    table, report = _read(path)
+    assert report.status == "truncated" and table.num_rows == complete
+
+
+def test_corrupt_gzip_keeps_everything_zlib_decodes_before_the_bad_byte(tmp_path):
+    lines = _corpus_lines(20_000, seed=1)
+    blob = bytearray(_compress("gz", b"\n".join(lines) + b"\n"))
+    pos = len(blob) // 2
+    blob[pos:pos + 8] = bytes(b ^ 0xFF for b in blob[pos:pos + 8])
+    path = tmp_path / "bad.jsonl.gz"
+    path.write_bytes(bytes(blob))
+    # the reference: zlib fed from just before the damage, one byte at a time
+    d = zlib.decompressobj(wbits=31)
+    good = bytearray(d.decompress(bytes(blob[: pos - 1])))
+    try:
+        for i in range(pos - 1, len(blob)):
+            good += d.decompress(bytes(blob[i:i + 1]))
+    except zlib.error:
+        pass
+    n_lines = good.count(b"\n") + (0 if good.endswith(b"\n") else 1)
+    table, report = _read(path)
+    assert report.status == "corrupt" and "corrupt gzip data" in report.error
+    # every line zlib gave before it noticed the damage was read, kept or rejected; deflate
+    # notices late, so lines after the damaged byte may be garbage that still parses
+    assert report.records == n_lines
+    intact = good[: good.find(lines[len(lines) // 3])].count(b"\n")
+    assert table.column("text").to_pylist()[:intact] == \
+        [json.loads(s)["text"] for s in lines[:intact]]
+
+
+def test_corrupt_zstd_is_reported_with_a_reason_and_keeps_a_prefix(tmp_path):
+    lines = _corpus_lines(20_000, seed=2)
+    blob = bytearray(_compress("zst", b"\n".join(lines) + b"\n"))
+    pos = len(blob) // 2
+    blob[pos:pos + 64] = bytes(64)
+    path = tmp_path / "bad.jsonl.zst"
+    path.write_bytes(bytes(blob))
+    table, report = _read(path)
+    assert report.status == "corrupt" and "corrupt zstd data" in report.error
+    n = table.num_rows
+    assert n > 0.2 * len(lines)
+    assert table.column("text").to_pylist() == [json.loads(s)["text"] for s in lines[:n]]
 
 
 # ---- Parquet types ------------------------------------------------------------------------
