@@ -61,8 +61,10 @@ class MissingExtra(ImportError):
         self.extra = extra
         self.needed_by = needed_by
         self.modules = modules
-        super().__init__(f"{needed_by} needs the '{extra}' extra ({', '.join(modules)} not "
-                         f"installed): {install_hint(extra)}")
+        #: the message without ``needed_by``: "needs the 'x' extra (...): pip install ..."
+        self.reason = (f"needs the '{extra}' extra ({', '.join(modules)} not installed): "
+                       f"{install_hint(extra)}")
+        super().__init__(f"{needed_by} {self.reason}")
 
 
 def install_hint(extra: str) -> str:

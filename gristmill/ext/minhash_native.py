@@ -44,6 +44,16 @@ def _build() -> ModuleType:
     )
 
 
+def _cause(exc: Exception) -> str:
+    """Why the build failed, in one line; a missing torch names the extra that brings it."""
+    from gristmill.extras import extra_providing, install_hint
+
+    if isinstance(exc, ModuleNotFoundError) and extra_providing(exc.name or "") == "torch":
+        return (f"{exc.name} is not installed; the kernel is built with torch's C++ extension "
+                f"tooling ({install_hint('torch')})")
+    return f"{type(exc).__name__}: {exc}"
+
+
 def module(required: bool = False) -> ModuleType | None:
     """The compiled kernel, built on first use; None when the build failed.
 
@@ -57,7 +67,7 @@ def module(required: bool = False) -> ModuleType | None:
             _state["module"] = _build()
         except Exception as exc:  # any compiler, linker or loader failure means: fall back
             _state["module"] = None
-            _state["error"] = f"{type(exc).__name__}: {exc}"
+            _state["error"] = _cause(exc)
             warnings.warn(
                 "gristmill.ext: building the C++ MinHash kernel failed, using the numpy code "
                 "instead (set `kernel: numpy` on minhash_dedup to silence). "

@@ -11,6 +11,8 @@ import argparse
 import importlib
 import sys
 
+from gristmill.extras import MissingExtra, extra_providing, missing_modules
+
 COMMAND_MODULES: list[str] = [
     "gristmill.pipeline.commands",
     "gristmill.trainers.sft",
@@ -83,7 +85,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except MissingExtra as e:
+        print(f"gristmill: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        # a command that imports an optional dependency lazily: name the extra to install,
+        # when that extra is in fact incomplete (not for a broken install of a present one)
+        extra = extra_providing(e.name or "")
+        if extra is None or not missing_modules(extra):
+            raise
+        print(f"gristmill: gristmill {args.command} "
+              f"{MissingExtra(extra, '', missing_modules(extra)).reason}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

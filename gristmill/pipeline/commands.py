@@ -135,8 +135,13 @@ def _diff(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     from gristmill.pipeline.demo import run_demo
+    from gristmill.pipeline.runner import OutputLocked
 
-    return run_demo(Path(args.root), engine=args.engine, workers=args.workers)
+    try:
+        return run_demo(Path(args.root), engine=args.engine, workers=args.workers)
+    except (RecipeError, OutputLocked) as e:  # an edited copy of the recipe, a busy output
+        print(f"gristmill: {e}", file=sys.stderr)
+        return 2
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -152,7 +152,10 @@ class Stage:
     Subclasses set ``type_name`` (the name a recipe uses), ``Params`` (a
     ``StageParams`` model, validated when the recipe is loaded) and, where a
     stage needs columns, ``requires`` (checked against the source kind before
-    any data is read).
+    any data is read), and, where it needs an optional dependency group,
+    ``extras`` (``("torch",)``; see :mod:`gristmill.extras`). A stage module
+    imports such dependencies inside ``setup`` or the functions that use
+    them, never at the top, so a recipe can be checked without them.
 
     Parameters
     ----------
@@ -170,6 +173,7 @@ class Stage:
     kind: ClassVar[str] = ""
     Params: ClassVar[type[StageParams]] = StageParams
     requires: ClassVar[tuple[str, ...]] = ()
+    extras: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, params: StageParams | dict | None = None, *, name: str | None = None,
                  seed: int = 0) -> None:
@@ -189,6 +193,16 @@ class Stage:
         """A parameter path made absolute against ``base_dir`` (``~`` expanded)."""
         path = os.path.expanduser(path)
         return path if os.path.isabs(path) else os.path.normpath(os.path.join(self.base_dir, path))
+
+    def required_extras(self) -> tuple[str, ...]:
+        """Extras (``pip install 'gristmill[<extra>]'``) this configured stage needs.
+
+        ``check_recipe`` looks them up before any data is read and stops with
+        one line naming a missing one. The default is the class's ``extras``;
+        a stage whose needs depend on its parameters (a tokenizer, a model)
+        overrides this.
+        """
+        return self.extras
 
     def setup(self) -> None:
         """Load heavy resources; called once per worker before any batch."""

@@ -132,6 +132,10 @@ class Embeddings(RowStage):
     Params = EmbeddingsParams
     requires = ("text",)
 
+    def required_extras(self) -> tuple[str, ...]:
+        """A model needs torch and transformers; hashed n-grams need scikit-learn."""
+        return ("torch",) if self.params.model is not None else ("ot",)
+
     def check(self, base_dir: str) -> None:
         m = self.params.model
         if m is not None:

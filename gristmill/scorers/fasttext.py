@@ -139,6 +139,7 @@ class FastTextScorer(RowStage):
 
     type_name = "fasttext"
     Params: ClassVar = FastTextParams
+    extras = ("fasttext",)
 
     def input_columns(self) -> tuple[str, ...]:
         return (self.params.text_column,)

@@ -554,6 +554,7 @@ class LMLikelihood(RowStage):
 
     type_name = "lm_likelihood"
     Params = LMLikelihoodParams
+    extras = ("torch",)
 
     def check(self, base_dir: str) -> None:
         path = self.resolve_path(self.params.model)

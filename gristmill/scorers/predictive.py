@@ -290,6 +290,7 @@ class PredictiveStrength(RowStage):
 
     type_name = "predictive_strength"
     Params: ClassVar = PredictiveStrengthParams
+    extras = ("torch",)
 
     def input_columns(self) -> tuple[str, ...]:
         return (self.params.text_column,)

@@ -113,6 +113,7 @@ class Distill(GlobalStage):
 
     type_name = "distill"
     Params = DistillParams
+    extras = ("distill",)
 
     def summarize(self, batch: pa.Table) -> DistillSummary | None:
         if batch.num_rows == 0:

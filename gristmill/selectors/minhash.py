@@ -605,6 +605,11 @@ class MinHashDedup(ClusterDedup):
     Params: ClassVar = MinHashDedupParams
     reason = "near_duplicate"
 
+    def required_extras(self) -> tuple[str, ...]:
+        """``kernel: native`` is built with torch's C++ extension tooling; ``auto`` falls
+        back to numpy without it."""
+        return ("torch",) if self.params.kernel == "native" else ()
+
     def __init__(self, params: MinHashDedupParams | dict | None = None, *,
                  name: str | None = None, seed: int = 0) -> None:
         super().__init__(params, name=name, seed=seed)

@@ -100,6 +100,10 @@ class Mix(GlobalStage):
     Params = MixParams
     requires = ("text",)
 
+    def required_extras(self) -> tuple[str, ...]:
+        """A tokenizer is loaded with transformers; the bytes estimate needs nothing."""
+        return ("torch",) if self.params.tokenizer is not None else ()
+
     def check(self, base_dir: str) -> None:
         tok = self.params.tokenizer
         if tok is not None:
