@@ -357,3 +357,62 @@ def test_run_with_hostile_input_writes_valid_shards_and_reconciles(tmp_path):
     kept = pa.concat_tables(tables)
     assert sorted(kept.column("text").to_pylist()) == ["deep", "plain", "unicode é"]
     assert counts["kept"] == 3 and counts["dropped"] == 2  # exact copies, across files too
+
+
+# ---- nested columns -----------------------------------------------------------------------
+
+def _hf_table(n: int = 40) -> pa.Table:
+    """Shaped like a Hugging Face export: large_string text, int ids, nested metadata."""
+    meta_t = pa.struct([("url", pa.string()), ("score", pa.float64()),
+                        ("langs", pa.list_(pa.string()))])
+    return pa.table({
+        "id": pa.array(range(n), pa.int64()),
+        "text": pa.array([f"document {i} " + "é" * (i % 5) for i in range(n)], pa.large_string()),
+        "meta": pa.array([{"url": f"https://x/{i}", "score": i / 7, "langs": ["en", "fr"][: i % 3]}
+                          for i in range(n)], meta_t),
+        "tags": pa.array([[f"t{j}" for j in range(i % 4)] for i in range(n)],
+                         pa.list_(pa.string())),
+        "counts": pa.array([[("a", i), ("b", i * 2)] for i in range(n)],
+                           pa.map_(pa.string(), pa.int64())),
+    })
+
+
+def test_parquet_nested_columns_are_carried_with_their_arrow_types(tmp_path):
+    path = tmp_path / "hf.parquet"
+    src = _hf_table()
+    pq.write_table(src, path, row_group_size=16)
+    table, report = _read(path, fmt="parquet", batch_size=7, columns=["meta", "tags", "counts"])
+    assert report.status == "ok" and report.records == 40 and report.rejected == 0
+    for c in ("meta", "tags", "counts"):
+        assert table.schema.field(c).type == src.schema.field(c).type
+        assert table.column(c).to_pylist() == src.column(c).to_pylist()
+    assert table.schema.field("text").type == pa.string()
+    assert table.column("text").to_pylist() == src.column("text").to_pylist()
+    assert table.column("id").to_pylist() == [str(i) for i in range(40)]
+
+
+def test_hugging_face_parquet_runs_end_to_end_with_nested_columns(tmp_path):
+    src_dir = tmp_path / "hf"
+    src_dir.mkdir()
+    full = _hf_table(60)
+    pq.write_table(full.slice(0, 30), src_dir / "train-00000.parquet", row_group_size=8)
+    pq.write_table(full.slice(30), src_dir / "train-00001.parquet", row_group_size=8)
+    body = {"name": "hf", "sources": [{"path": str(src_dir), "columns": ["meta", "tags", "counts"],
+                                       "fields": {"id": None}}],
+            "stages": [{"stage": "exact_dedup"}, {"stage": "text_stats"}],
+            "output": {"path": str(tmp_path / "out")},
+            "engine": {"kind": "local", "batch_size": 16}}
+    manifest = run_recipe(parse_recipe(body), progress=False, report=False)
+    counts = manifest["counts"]
+    assert counts["reconciled"] and counts["read"] == 60 and counts["kept"] == 60
+    assert all(f["status"] == "ok" for f in manifest["files"])
+    types = {f["name"]: f["type"] for f in manifest["schema"]}
+    as_read = pq.read_schema(src_dir / "train-00000.parquet")  # Parquet names list items
+    for c in ("meta", "tags", "counts"):
+        assert types[c] == str(as_read.field(c).type)
+    tables = [pq.read_table(tmp_path / "out" / s["path"]) for s in manifest["shards"]]
+    for t in tables:
+        t.validate(full=True)
+    kept = pa.concat_tables(tables).sort_by([(ROW_KEY, "ascending")])
+    for c in ("meta", "tags", "counts"):
+        assert kept.column(c).to_pylist() == full.column(c).to_pylist()
