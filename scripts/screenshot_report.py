@@ -2,7 +2,7 @@
 
 Usage (from the repository root, after ``make demo``)::
 
-    python scripts/screenshot_report.py out/demo/report.html docs/report.png
+    python scripts/screenshot_report.py out/demo/report.html docs/report.png --colors 64
 
 Needs Debian's ``chromium`` package (``apt-get install chromium``). Chromium
 runs with networking features off and a throw-away profile, so a report that
@@ -51,7 +51,16 @@ def page_height(browser: str, url: str, width: int, profile: str) -> int:
     return int(found[-1]) if found else 6000
 
 
-def screenshot(report: Path, png: Path, width: int = 1100) -> Path:
+def quantize(png: Path, colors: int) -> None:
+    """Rewrite ``png`` with a palette of ``colors`` colours (Pillow), to keep it small."""
+    from PIL import Image
+
+    with Image.open(png) as im:
+        small = im.convert("RGB").quantize(colors=colors, method=Image.Quantize.MEDIANCUT)
+    small.save(png, optimize=True)
+
+
+def screenshot(report: Path, png: Path, width: int = 1100, colors: int = 0) -> Path:
     browser = chromium()
     url = report.resolve().as_uri()
     with tempfile.TemporaryDirectory() as profile:
@@ -60,6 +69,8 @@ def screenshot(report: Path, png: Path, width: int = 1100) -> Path:
         subprocess.run([browser, *FLAGS, f"--user-data-dir={profile}",
                         f"--screenshot={png.resolve()}", f"--window-size={width},{height}", url],
                        check=True, capture_output=True, timeout=120)
+    if colors:
+        quantize(png, colors)
     print(f"{png}: {width}x{height} from {report}")
     return png
 
@@ -68,12 +79,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("report", type=Path, help="a report.html")
     p.add_argument("png", type=Path, help="where to write the PNG")
-    p.add_argument("--width", type=int, default=1100)
+    p.add_argument("--width", type=int, default=1100, help="window width in pixels")
+    p.add_argument("--colors", type=int, default=0,
+                   help="reduce the PNG to this many colours (needs Pillow); 0 keeps it as is")
     args = p.parse_args(argv)
     if not args.report.exists():
         print(f"screenshot_report: no such file {args.report}", file=sys.stderr)
         return 2
-    screenshot(args.report, args.png, args.width)
+    screenshot(args.report, args.png, args.width, args.colors)
     return 0
 
 

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from gristmill.pipeline import svg
+from gristmill.pipeline import storage, svg
 from gristmill.pipeline.stage import KEY_POS_BITS, KEY_POS_MASK
 from gristmill.pipeline.writers import atomic_write_bytes
 
@@ -504,9 +504,10 @@ def _samples(manifest: dict[str, Any], stats: dict[str, Any]) -> str:
     parts = []
     for stage in [s for s in order if s in samples] + [s for s in samples if s not in order]:
         groups = samples[stage]
+        opened = len(parts) < 2  # the first groups of the first stages start unfolded
         blocks = []
         for reason, recs in sorted(groups.get("dropped", {}).items()):
-            blocks.append(f'<details class="sample"{"" if blocks else " open"} '
+            blocks.append(f'<details class="sample"{" open" if opened and not blocks else ""} '
                           f'data-stage="{_e(stage)}" '
                           f'data-fate="dropped" data-reason="{_e(reason)}"><summary>dropped: '
                           f'{_e(reason)} ({min(len(recs), SHOWN_PER_GROUP)} shown)</summary>'
@@ -514,7 +515,7 @@ def _samples(manifest: dict[str, Any], stats: dict[str, Any]) -> str:
                           + "</details>")
         kept = groups.get("kept", [])
         if kept:
-            blocks.append(f'<details class="sample"{"" if blocks else " open"} '
+            blocks.append(f'<details class="sample"{" open" if opened and not blocks else ""} '
                           f'data-stage="{_e(stage)}" data-fate="kept">'
                           f"<summary>kept ({min(len(kept), SHOWN_PER_GROUP)} shown)</summary>"
                           + "".join(_record(r, manifest) for r in kept[:SHOWN_PER_GROUP])
@@ -595,6 +596,7 @@ def render_report(out: Path, manifest: dict[str, Any], stats: dict[str, Any]) ->
 
 def write_report(out: Path, manifest: dict[str, Any], stats: dict[str, Any]) -> Path:
     """Write ``out/report.html`` atomically and return its path."""
-    path = Path(out) / "report.html"
-    atomic_write_bytes(path, render_report(Path(out), manifest, stats).encode())
+    out = storage.as_path(out)
+    path = out / "report.html"
+    atomic_write_bytes(path, render_report(out, manifest, stats).encode())
     return path
