@@ -35,7 +35,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "torch": ("torch", "transformers"),
     "fasttext": ("fasttext", "sklearn"),
     "ot": ("ot", "torch", "sklearn"),
-    "distill": ("torch", "sklearn"),
+    "distill": ("torch", "sklearn", "matplotlib"),
     "corpus": ("lxml",),
 }
 
