@@ -22,7 +22,6 @@ Repeated ids
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,10 +30,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import xxhash
 
+from gristmill.pipeline import storage
 from gristmill.pipeline.readers import FileReport, InputTask, read_task
 from gristmill.pipeline.recipe import RecipeError, SourceSpec
 from gristmill.pipeline.stage import KEY_POS_BITS, KEY_POS_MASK, ROW_KEY
-from gristmill.pipeline.writers import tmp_name
+from gristmill.pipeline.storage import AtomicFile
 
 HASH_NAME = "xxh3_128"
 ID_PARTITIONS = 16
@@ -50,13 +50,13 @@ class InputChangedDuringRun(RuntimeError):
 
 
 def stat_file(path: str | Path) -> dict[str, int]:
-    st = os.stat(path)
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    """Size and mtime (ns) of a local file or an object (its last-modified time)."""
+    return storage.stat(path)
 
 
 def hash_file(path: str | Path) -> str:
     h = xxhash.xxh3_128()
-    with open(path, "rb") as f:
+    with storage.open_read(path) as f:
         while chunk := f.read(8 << 20):
             h.update(chunk)
     return h.hexdigest()
@@ -119,7 +119,7 @@ class InputReader:
         # bad data: it stops the run with one line (exit 1), and the run resumes once
         # the cause is fixed; an input that opens but cannot be parsed is a reject
         before = stat_file(self.task.path)
-        with open(self.task.path, "rb"):
+        with storage.open_read(self.task.path):
             pass
         ids: list[pa.Table] = []
         for batch in read_task(self.task, self.spec, self.report, self.batch_size):
@@ -138,7 +138,7 @@ class InputReader:
 
 def id_ledger_path(work: Path, task_index: int) -> Path:
     """Where the reader task of input ``task_index`` writes its id ledger (any engine)."""
-    return Path(work) / "ids" / f"task-{task_index:05d}.parquet"
+    return storage.as_path(work) / "ids" / f"task-{task_index:05d}.parquet"
 
 
 def _id_partition(ids: pa.Array | pa.ChunkedArray) -> pa.Array:
@@ -157,15 +157,24 @@ def write_id_ledger(path: Path, tables: list[pa.Table]) -> None:
                                   t.column(ROW_KEY)], schema=schema).sort_by("part")
     else:
         t = schema.empty_table()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_name(path)
-    with pq.ParquetWriter(tmp, schema, compression="zstd") as w:
+    with AtomicFile(path) as sink, pq.ParquetWriter(sink.file, schema, compression="zstd") as w:
         parts = t.column("part").to_numpy()
         bounds = parts.searchsorted(list(range(ID_PARTITIONS + 1)))
         for p in range(ID_PARTITIONS):
             if bounds[p + 1] > bounds[p]:
                 w.write_table(t.slice(bounds[p], bounds[p + 1] - bounds[p]))
-    os.replace(tmp, path)
+
+
+def _remote_partition(ledgers: list[Path], part: int):
+    """Partition ``part`` of every ledger on an object store, read with pyarrow
+    through fsspec (polars' own object-store client would need its own settings)."""
+    import polars as pl
+
+    tables = []
+    for path in ledgers:
+        with storage.open_read(path) as f:
+            tables.append(pq.read_table(f, filters=[("part", "==", part)]))
+    return pl.from_arrow(pa.concat_tables(tables))
 
 
 def repeated_ids(ledgers: list[Path], file_labels: dict[int, str]) -> dict[str, Any]:
@@ -177,9 +186,12 @@ def repeated_ids(ledgers: list[Path], file_labels: dict[int, str]) -> dict[str, 
     examples: list[dict[str, Any]] = []
     if not ledgers:
         return {"repeated_ids": 0, "records_with_repeated_id": 0, "examples": []}
-    scan = pl.scan_parquet([str(p) for p in ledgers])
+    remote = storage.is_remote(ledgers[0])
+    scan = None if remote else pl.scan_parquet([str(p) for p in ledgers])
     for p in range(ID_PARTITIONS):
-        counts = (scan.filter(pl.col("part") == p)
+        part = scan.filter(pl.col("part") == p) if scan is not None else \
+            _remote_partition(ledgers, p).lazy()
+        counts = (part
                   .group_by("id").agg(pl.len().alias("n"), pl.col(ROW_KEY).min().alias("first"),
                                       pl.col(ROW_KEY).sort().head(3).alias("keys"))
                   .collect())

@@ -32,7 +32,6 @@ the spill files between segments and the shard writer.
 from __future__ import annotations
 
 import json
-import os
 import time
 import uuid
 from collections.abc import Iterable, Iterator
@@ -44,6 +43,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from gristmill.pipeline import storage
 from gristmill.pipeline.hashing import mix64, record_hash
 from gristmill.pipeline.stage import ROW_KEY, Stage, StageOutput
 
@@ -118,7 +118,7 @@ def timed_iter(items: Iterable[Any], timings: dict[str, dict[str, list[float]]],
 
 
 def _timings_dir(work: Path) -> Path:
-    return Path(work) / "timings"
+    return storage.as_path(work) / "timings"
 
 
 def start_clock() -> tuple[float, float]:
@@ -136,23 +136,17 @@ def save_barrier_time(work: Path, stage: str, phase: str, started: tuple[float, 
 
 def save_time(work: Path, stage: str, phase: str, wall: float, cpu: float) -> None:
     """Save measured seconds as a file under ``work/timings`` (see ``barrier_times``)."""
-    folder = _timings_dir(work)
-    folder.mkdir(parents=True, exist_ok=True)
     body = json.dumps({"stage": stage, "phase": phase, "wall": wall, "cpu": cpu})
-    path = folder / f"{stage}.{phase}.{uuid.uuid4().hex}.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(body)
-    os.replace(tmp, path)
+    path = _timings_dir(work) / f"{stage}.{phase}.{uuid.uuid4().hex}.json"
+    storage.write_bytes(path, body.encode())
 
 
 def barrier_times(work: Path) -> dict[str, dict[str, list[float]]]:
     """Sum of every ``barrier_clock`` file under ``work/timings``."""
     out: dict[str, dict[str, list[float]]] = {}
-    folder = _timings_dir(work)
-    if folder.is_dir():
-        for f in sorted(folder.glob("*.json")):
-            d = json.loads(f.read_text())
-            add_time(out, d["stage"], d["phase"], d["wall"], d["cpu"])
+    for f in storage.glob_files(_timings_dir(work) / "*.json"):
+        d = json.loads(f.read_text())
+        add_time(out, d["stage"], d["phase"], d["wall"], d["cpu"])
     return out
 
 

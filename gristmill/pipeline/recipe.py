@@ -32,7 +32,6 @@ Errors name the field, the bad value and what is valid::
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
@@ -44,6 +43,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from gristmill.extras import ENGINE_EXTRAS, MissingExtra, require
+from gristmill.pipeline import storage
 from gristmill.pipeline.registry import stage_class
 from gristmill.pipeline.stage import Stage
 
@@ -159,6 +159,10 @@ class Recipe(_Model):
 
     # ---- paths -----------------------------------------------------------
     def resolve(self, path: str) -> Path:
+        """A recipe path made absolute against the recipe folder; a URL
+        (``s3://bucket/key``) stays as it is (see ``storage``)."""
+        if storage.is_remote(path):
+            return storage.as_path(path)
         p = Path(os.path.expanduser(path))
         return p if p.is_absolute() else Path(os.path.normpath(Path(self.base_dir) / p))
 
@@ -172,12 +176,11 @@ class Recipe(_Model):
         found: list[Path] = []
         for pattern in src.paths():
             p = self.resolve(pattern)
-            if p.is_dir():
-                found += sorted(q for q in p.rglob("*") if q.is_file() and _format_of(q))
-            elif any(ch in pattern for ch in "*?["):
-                found += sorted(Path(q) for q in glob.glob(str(p), recursive=True)
-                                if Path(q).is_file())
-            elif p.is_file():
+            if any(ch in pattern for ch in "*?[") and not storage.is_dir(p):
+                found += storage.glob_files(p)
+            elif storage.is_dir(p):
+                found += [q for q in storage.find_files(p) if _format_of(q)]
+            elif storage.is_file(p):
                 found.append(p)
             else:
                 raise RecipeError(f"recipe error at sources[{index}].path: {pattern!r} does not "
@@ -196,7 +199,10 @@ class Recipe(_Model):
         return out
 
     def file_label(self, path: Path) -> str:
-        """A stable name for an input file: its path relative to the recipe folder."""
+        """A stable name for an input file: its path relative to the recipe folder
+        (an object's full URL)."""
+        if storage.is_remote(path):
+            return str(path)
         try:
             rel = os.path.relpath(path, self.base_dir)
         except ValueError:
@@ -309,28 +315,36 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Re
     return parse_recipe(data, base_dir=path.resolve().parent)
 
 
+def _real(path: Path) -> Path:
+    return path if storage.is_remote(path) else Path(os.path.realpath(path))
+
+
 def _inside(inner: Path, outer: Path) -> bool:
+    if storage.is_remote(inner) or storage.is_remote(outer):
+        a, b = str(inner).rstrip("/"), str(outer).rstrip("/")
+        return a == b or a.startswith(b + "/")
     return inner == outer or outer in inner.parents
 
 
 def _check_output_overlap(recipe: Recipe) -> None:
     """The output folder may not be, hold, or sit inside any input: ``--fresh``
     would delete the input and a plain run would overwrite it."""
-    out = Path(os.path.realpath(recipe.output_dir))
+    out = _real(recipe.output_dir)
     for i, src in enumerate(recipe.sources):
         roots = []
         for pattern in src.paths():
             p = recipe.resolve(pattern)
             if any(ch in pattern for ch in "*?["):
                 # the folder part of a glob: everything it can match lies below it
-                parts = p.parts
+                parts = str(p).split("/") if storage.is_remote(p) else p.parts
                 cut = next(k for k, part in enumerate(parts) if any(c in part for c in "*?["))
-                roots.append(Path(*parts[:cut]))
+                roots.append(storage.as_path("/".join(parts[:cut])) if storage.is_remote(p)
+                             else Path(*parts[:cut]))
             else:
                 roots.append(p)
         for root in roots:
-            r = Path(os.path.realpath(root))
-            if _inside(r, out) or (_inside(out, r) and not r.is_file()):
+            r = _real(root)
+            if _inside(r, out) or (_inside(out, r) and not storage.is_file(r)):
                 raise RecipeError(
                     f"recipe error at output.path: the output folder {out} overlaps the input "
                     f"sources[{i}].path ({r}); a run (or --fresh) would overwrite or delete its "
@@ -392,6 +406,12 @@ def check_recipe(recipe: Recipe) -> list[str]:
         summary.append(f"stages[{i}]: {stage.name} ({stage.type_name}, {stage.kind})")
     if recipe.output.tokenize is not None:
         tok = recipe.resolve(recipe.output.tokenize.tokenizer)
+        if storage.is_remote(tok) or storage.is_remote(recipe.output_dir):
+            raise RecipeError(
+                "recipe error at output.tokenize: tokenized output is written with local files "
+                "(memory-mapped .bin/.idx) from a local tokenizer folder; with an object-store "
+                "output.path or tokenizer, run without output.tokenize and tokenize local copies "
+                "of the shards (gristmill.pipeline.tokenized.tokenize_shards)")
         if not tok.exists():
             raise RecipeError(f"recipe error at output.tokenize.tokenizer: {tok} does not exist")
     summary.append(f"output: {recipe.output_dir} ({recipe.output.format})")

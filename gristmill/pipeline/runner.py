@@ -21,7 +21,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import shutil
 import socket
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 import gristmill
+from gristmill.pipeline import storage
 from gristmill.pipeline.engines.local import EngineResult, LocalEngine
 from gristmill.pipeline.execution import LENGTH_BINS, TaskStats, reason_totals
 from gristmill.pipeline.inputs import (
@@ -112,6 +112,18 @@ class OutputLock:
     def __exit__(self, *exc: object) -> None:
         self.release()
 
+    def check(self) -> None:
+        """The kernel lock cannot be lost while held."""
+
+
+def output_lock(folder: Path):
+    """``OutputLock`` for a local folder, ``object_lock.ObjectLock`` on an object store."""
+    if storage.is_remote(folder):
+        from gristmill.pipeline.object_lock import ObjectLock
+
+        return ObjectLock(folder, OutputLocked)
+    return OutputLock(folder)
+
 
 def list_tasks(recipe: Recipe) -> list[InputTask]:
     tasks = []
@@ -119,7 +131,7 @@ def list_tasks(recipe: Recipe) -> list[InputTask]:
         for path, fmt in recipe.source_files(i):
             tasks.append(InputTask(index=len(tasks), source_index=i, path=str(path), format=fmt,
                                    label=recipe.source_label(i, path),
-                                   size=path.stat().st_size,
+                                   size=storage.size(path),
                                    file_label=recipe.file_label(path)))
     return tasks
 
@@ -142,17 +154,18 @@ def make_engine(recipe: Recipe, progress: bool):
 def _clear_output(out: Path) -> None:
     for name in OUTPUT_ENTRIES:
         p = out / name
-        if p.is_dir():
-            shutil.rmtree(p)
+        if storage.is_dir(p):
+            storage.remove_tree(p)
         elif p.exists():
-            p.unlink()
+            storage.remove(p)
 
 
 def _move(src: Path, dst: Path) -> None:
-    """Idempotent commit move: done when the source is gone and the target is there."""
+    """Idempotent commit move: done when the source is gone and the target is there.
+    On an object store this is the publish step (copy to the final key, delete the
+    temporary one); the manifest, written after every move, is the commit point."""
     if src.exists():
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(src, dst)
+        storage.replace(src, dst)
     elif not dst.exists():
         raise RuntimeError(f"lost output: neither {src} nor {dst} exists")
 
@@ -184,7 +197,7 @@ def run_recipe(recipe: Recipe | str | Path, *, fresh: bool = False, engine: str 
     out = recipe.output_dir
     fingerprint = recipe.fingerprint()
     t0 = time.time()
-    with OutputLock(out):
+    with output_lock(out) as lock:
         if fresh:
             _clear_output(out)
         manifest_path = out / "manifest.json"
@@ -214,6 +227,7 @@ def run_recipe(recipe: Recipe | str | Path, *, fresh: bool = False, engine: str 
         else:
             atomic_write_json(run_info, {"fingerprint": fingerprint, "inputs": listing(tasks)})
         result = make_engine(recipe, progress).execute(tasks, work)
+        lock.check()  # an object-store lock taken over by another run: publish nothing
         manifest = _commit(recipe, out, tasks, result, fingerprint, t0)
         if recipe.output.tokenize is not None:
             _tokenize(recipe, out, manifest)
@@ -221,7 +235,7 @@ def run_recipe(recipe: Recipe | str | Path, *, fresh: bool = False, engine: str 
             from gristmill.pipeline.report import write_report
 
             write_report(out, manifest, json.loads((out / "stats.json").read_text()))
-        shutil.rmtree(work, ignore_errors=True)
+        storage.remove_tree(work)
         return manifest
 
 
@@ -239,12 +253,12 @@ def _commit(recipe: Recipe, out: Path, tasks: list[InputTask], result: EngineRes
     for tr in result.tasks:
         if tr.rejects_file:
             dst = out / "rejects" / f"part-{tr.index:05d}.jsonl"
-            _move(Path(tr.rejects_file), dst)
+            _move(storage.as_path(tr.rejects_file), dst)
             rejects_files.append(str(dst.relative_to(out)))
         for f in tr.dropped_files:
-            seg = Path(f).parent.parent.name
+            seg = storage.as_path(f).parent.parent.name
             dst = out / "dropped" / f"{seg}-task-{tr.index:05d}.parquet"
-            _move(Path(f), dst)
+            _move(storage.as_path(f), dst)
             dropped_files.append(str(dst.relative_to(out)))
     artifacts = []
     for stage, files in result.artifacts.items():
@@ -273,7 +287,8 @@ def _commit(recipe: Recipe, out: Path, tasks: list[InputTask], result: EngineRes
     if shards:
         first = out / shards[0]["path"]
         if recipe.output.format == "parquet":
-            schema = [{"name": f.name, "type": str(f.type)} for f in pq.read_schema(first)]
+            with storage.open_read(first) as fh:
+                schema = [{"name": f.name, "type": str(f.type)} for f in pq.read_schema(fh)]
     added = sum(c["added"] for c in stage_counts)
     counts = {"read": read, "rejected": rejected, "dropped": dropped, "added": added,
               "kept": written, "reconciled": read + added == written + dropped + rejected,

@@ -1,14 +1,14 @@
 """Writers: size-capped Parquet (zstd) or JSONL shards, written atomically.
 
 Every file is written under a temporary name in its final folder and renamed
-when complete, so a reader (or a resumed run) never sees a partial file.
+when complete (on an object store: see ``storage.AtomicFile``), so a reader
+(or a resumed run) never sees a partial file.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -16,19 +16,15 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from gristmill.pipeline import storage
+from gristmill.pipeline.storage import AtomicFile, as_path, tmp_name
 
-def tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+__all__ = ["AtomicFile", "ShardInfo", "ShardWriter", "atomic_write_bytes", "atomic_write_json",
+           "sha256_file", "tmp_name"]
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_name(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    storage.write_bytes(path, data)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -37,10 +33,39 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with storage.open_read(path) as f:
         while chunk := f.read(8 << 20):
             h.update(chunk)
     return h.hexdigest()
+
+
+class _HashingSink:
+    """A write-only file that hashes what passes through it (no reading back)."""
+
+    def __init__(self, sink: AtomicFile) -> None:
+        self._sink = sink
+        self.sha256 = hashlib.sha256()
+        self.closed = False
+
+    def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        self._sink.file.write(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self._sink.tell()
+
+    def flush(self) -> None:
+        self._sink.file.flush()
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        self.closed = True
 
 
 @dataclass
@@ -62,29 +87,28 @@ class ShardWriter:
                  prefix: str = "part") -> None:
         if fmt not in ("parquet", "jsonl"):
             raise ValueError(f"format must be parquet or jsonl, got {fmt!r}")
-        self.folder = Path(folder)
+        self.folder = as_path(folder)
         self.fmt = fmt
         self.shard_bytes = shard_bytes
         self.prefix = prefix
         self.shards: list[ShardInfo] = []
         self.schema: pa.Schema | None = None
-        self._sink: Any = None
+        self._sink: AtomicFile | None = None
+        self._out: _HashingSink | None = None
         self._writer: pq.ParquetWriter | None = None
         self._path: Path | None = None
         self._rows = 0
 
     def _open(self) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
+        storage.mkdirs(self.folder)
         ext = "parquet" if self.fmt == "parquet" else "jsonl"
         self._path = self.folder / f"{self.prefix}-{len(self.shards):05d}.{ext}"
-        tmp = tmp_name(self._path)
         self._rows = 0
+        self._sink = AtomicFile(self._path)
+        self._out = _HashingSink(self._sink)
         if self.fmt == "parquet":
-            self._sink = pa.OSFile(str(tmp), "wb")
-            self._writer = pq.ParquetWriter(self._sink, self.schema, compression="zstd",
+            self._writer = pq.ParquetWriter(self._out, self.schema, compression="zstd",
                                             compression_level=3)
-        else:
-            self._sink = open(tmp, "wb")
 
     def write(self, table: pa.Table) -> None:
         if table.num_rows == 0:
@@ -100,7 +124,7 @@ class ShardWriter:
         else:
             import polars as pl  # only JSONL output needs it; keep startup light
 
-            pl.from_arrow(table).write_ndjson(self._sink)
+            pl.from_arrow(table).write_ndjson(self._out)
         self._rows += table.num_rows
         if self._sink.tell() >= self.shard_bytes:
             self._finish()
@@ -111,16 +135,11 @@ class ShardWriter:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
-        if not self._sink.closed:
-            self._sink.flush()
-            os.fsync(self._sink.fileno())
-        self._sink.close()
-        tmp = tmp_name(self._path)
-        os.replace(tmp, self._path)
-        self.shards.append(ShardInfo(path=self._path.name, rows=self._rows,
-                                     bytes=self._path.stat().st_size,
-                                     sha256=sha256_file(self._path)))
-        self._sink = None
+        n_bytes = self._sink.tell()
+        self._sink.commit()
+        self.shards.append(ShardInfo(path=self._path.name, rows=self._rows, bytes=n_bytes,
+                                     sha256=self._out.sha256.hexdigest()))
+        self._sink = self._out = None
 
     def close(self) -> list[ShardInfo]:
         self._finish()

@@ -10,10 +10,12 @@ were written), and only ``resolve`` / ``finalize`` run on the client.
 Cluster: a ``LocalCluster`` of ``engine.workers`` worker processes (one thread
 each) on loopback by default, closed when the run ends; or an existing
 scheduler with ``engine.scheduler: tcp://HOST:PORT`` (Slurm via dask-jobqueue,
-Kubernetes via dask-kubernetes...). With a remote cluster, every worker must
-import gristmill and see the output folder at the same path (a shared
-filesystem), because tasks hand data to each other through ``OUTPUT/_work``,
-which is also what makes a killed run resumable.
+Kubernetes via dask-kubernetes...). Tasks hand data to each other through
+``OUTPUT/_work`` (spills, key partitions, summaries, done markers), which is
+also what makes a killed run resumable. With a remote cluster every worker must
+import gristmill and reach the output: an object-store output
+(``output.path: s3://bucket/run``) needs no shared filesystem at all, a local
+output path must be on one (NFS, Lustre) at the same path on every worker.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Any
 import pyarrow as pa
 from tqdm.auto import tqdm
 
-from gristmill.pipeline import observe
+from gristmill.pipeline import observe, storage
 from gristmill.pipeline.engines.local import (
     EngineResult,
     _load_state,
@@ -55,7 +57,7 @@ def _reduce_files(recipe: Recipe, work: Path, segment: int, task_indices: list[i
     for t in task_indices:
         f = task_dir(work, segment, t) / f"keys-{partition:04d}.arrow"
         if f.exists():
-            with pa.OSFile(str(f), "rb") as src:
+            with storage.open_read(f) as src:
                 parts.append(pa.ipc.open_stream(src).read_all())
     if not parts:
         return None
@@ -76,7 +78,7 @@ def _forget_earlier_runs() -> None:
 
 
 def _load_summary(work: Path, segment: int, task: int) -> Any:
-    with open(task_dir(work, segment, task) / "summary.pkl", "rb") as f:
+    with storage.open_read(task_dir(work, segment, task) / "summary.pkl") as f:
         return pickle.load(f)
 
 

@@ -9,6 +9,11 @@ stages left them and no stage is recomputed. Shuffle keys are spilled into
 ``shuffle_partitions`` files per task (``key % P``), so memory stays bounded
 by one partition.
 
+``_work`` lives in the output folder, so with an object-store output
+(``s3://...``) the spills, markers and states are objects too and any worker
+that can reach the store can run any task (see ``storage``); local outputs
+read their spills memory-mapped.
+
 Task order, not worker order, decides every output name, so ``workers: 1``
 and ``workers: N`` write the same bytes.
 """
@@ -20,7 +25,6 @@ import json
 import multiprocessing as mp
 import os
 import pickle
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,7 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from gristmill.pipeline import observe
+from gristmill.pipeline import observe, storage
 from gristmill.pipeline.execution import (
     Segment,
     TaskStats,
@@ -43,7 +47,8 @@ from gristmill.pipeline.inputs import InputReader, id_ledger_path
 from gristmill.pipeline.readers import FileReport, InputTask
 from gristmill.pipeline.recipe import Recipe
 from gristmill.pipeline.stage import DROPPED_SCHEMA, GlobalStage, ShuffleStage, Stage, merge_all
-from gristmill.pipeline.writers import ShardWriter, atomic_write_bytes, atomic_write_json, tmp_name
+from gristmill.pipeline.storage import AtomicFile
+from gristmill.pipeline.writers import ShardWriter, atomic_write_bytes, atomic_write_json
 
 
 @dataclass
@@ -113,9 +118,9 @@ def die_with_parent(parent_pid: int) -> None:
 
 def _load_state(path: Path) -> Any:
     # keyed by path and mtime: a later run into the same folder writes a new state file
-    key = f"{path}:{path.stat().st_mtime_ns}"
+    key = f"{path}:{storage.stat(path)['mtime_ns']}"
     if key not in _STATE_CACHE:
-        with open(path, "rb") as f:
+        with storage.open_read(path) as f:
             _STATE_CACHE[key] = pickle.load(f)
     return _STATE_CACHE[key]
 
@@ -134,7 +139,9 @@ def _input_batches(recipe: Recipe, work: Path, segment: Segment, task: InputTask
     spill = task_dir(work, segment.index - 1, task.index) / "rows.arrow"
     if not spill.exists():
         return
-    with pa.memory_map(str(spill)) as source:
+    opened = (storage.open_read(spill) if storage.is_remote(spill)
+              else pa.memory_map(str(spill)))
+    with opened as source:
         reader = pa.ipc.open_file(source)
         for i in range(reader.num_record_batches):
             with observe.clock(stats.timings, "spill", "read"):
@@ -162,9 +169,8 @@ def _run_task(recipe: Recipe, work: Path, segment_index: int, task: InputTask) -
     marker = out / "done.json"
     if marker.exists():
         return json.loads(marker.read_text())
-    if out.exists():
-        shutil.rmtree(out)  # leftovers of a killed attempt
-    out.mkdir(parents=True)
+    storage.remove_tree(out)  # leftovers of a killed attempt
+    storage.mkdirs(out)
     segment, _ = _stages_for(recipe, segment_index)
     entry_state = None
     if segment.entry is not None:
@@ -173,10 +179,10 @@ def _run_task(recipe: Recipe, work: Path, segment_index: int, task: InputTask) -
     stats = TaskStats()
     dropped: list[pa.Table] | None = [] if recipe.output.write_dropped else None
     summary = None
-    key_writers: list[pa.ipc.RecordBatchStreamWriter | None] = []
+    key_writers: list[tuple[AtomicFile, pa.ipc.RecordBatchStreamWriter] | None] = []
     shard_writer = None
     spill_writer = None
-    spill_sink = None
+    spill_sink: AtomicFile | None = None
     P = recipe.engine.shuffle_partitions
     if segment.is_last:
         shard_writer = ShardWriter(out / "shards", recipe.output.format, recipe.output.shard_size)
@@ -199,8 +205,8 @@ def _run_task(recipe: Recipe, work: Path, segment_index: int, task: InputTask) -
             continue
         with observe.clock(stats.timings, "spill", "write"):
             if spill_writer is None:
-                spill_sink = pa.OSFile(str(tmp_name(out / "rows.arrow")), "wb")
-                spill_writer = pa.ipc.new_file(spill_sink, batch.schema)
+                spill_sink = AtomicFile(out / "rows.arrow")
+                spill_writer = pa.ipc.new_file(spill_sink.file, batch.schema)
             spill_writer.write_table(batch)
         if isinstance(segment.exit, GlobalStage):
             with observe.clock(stats.timings, segment.exit.name, "summarize"):
@@ -212,19 +218,17 @@ def _run_task(recipe: Recipe, work: Path, segment_index: int, task: InputTask) -
                 if part.num_rows == 0:
                     continue
                 if key_writers[p] is None:
-                    sink = pa.OSFile(str(tmp_name(out / f"keys-{p:04d}.arrow")), "wb")
-                    key_writers[p] = (sink, pa.ipc.new_stream(sink, part.schema))
+                    sink = AtomicFile(out / f"keys-{p:04d}.arrow")
+                    key_writers[p] = (sink, pa.ipc.new_stream(sink.file, part.schema))
                 key_writers[p][1].write_table(part)
     result: dict[str, Any] = {"index": task.index, "rows_out": rows_out}
     if spill_writer is not None:
         spill_writer.close()
-        spill_sink.close()
-        os.replace(tmp_name(out / "rows.arrow"), out / "rows.arrow")
-    for p, pair in enumerate(key_writers):
+        spill_sink.commit()
+    for pair in key_writers:
         if pair is not None:
             pair[1].close()
-            pair[0].close()
-            os.replace(tmp_name(out / f"keys-{p:04d}.arrow"), out / f"keys-{p:04d}.arrow")
+            pair[0].commit()
     if isinstance(segment.exit, GlobalStage):
         atomic_write_bytes(out / "summary.pkl", pickle.dumps(summary))
     if shard_writer is not None:
@@ -232,9 +236,8 @@ def _run_task(recipe: Recipe, work: Path, segment_index: int, task: InputTask) -
             result["shards"] = [s.to_dict() for s in shard_writer.close()]
     if dropped:
         table = pa.concat_tables(dropped).cast(DROPPED_SCHEMA)
-        tmp = tmp_name(out / "dropped.parquet")
-        pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, out / "dropped.parquet")
+        with AtomicFile(out / "dropped.parquet") as sink:
+            pq.write_table(table, sink.file, compression="zstd")
         result["dropped_file"] = str(out / "dropped.parquet")
     if segment.index == 0:
         if report.rejects:
@@ -259,7 +262,7 @@ def finish_barrier(recipe: Recipe, work: Path, segment: Segment, tasks: list[Inp
     if isinstance(stage, GlobalStage):
         summaries = []
         for t in tasks:
-            with open(task_dir(work, segment.index, t.index) / "summary.pkl", "rb") as f:
+            with storage.open_read(task_dir(work, segment.index, t.index) / "summary.pkl") as f:
                 summaries.append(pickle.load(f))
         state = stage.finalize(merge_all(stage, summaries))
     else:
@@ -269,7 +272,7 @@ def finish_barrier(recipe: Recipe, work: Path, segment: Segment, tasks: list[Inp
             for t in tasks:
                 f = task_dir(work, segment.index, t.index) / f"keys-{p:04d}.arrow"
                 if f.exists():
-                    with pa.OSFile(str(f), "rb") as src:
+                    with storage.open_read(f) as src:
                         parts.append(pa.ipc.open_stream(src).read_all())
             if parts:
                 r = stage.reduce(pa.concat_tables(parts))
