@@ -238,9 +238,12 @@ class ClusterDedup(ShuffleStage):
         """
         if partition is None or partition.num_rows < 2:
             return EDGES_SCHEMA.empty_table()
-        t = partition.sort_by([("key", "ascending"), ("score", "descending"),
-                               (ROW_KEY, "ascending")])
-        key = t.column("key").to_numpy()
+        # sort the narrow columns only: wide extra columns (sketches) are taken once,
+        # for the rows that end up in a group of two or more
+        narrow = partition.select(["key", "score", ROW_KEY])
+        order = pc.sort_indices(narrow, [("key", "ascending"), ("score", "descending"),
+                                         (ROW_KEY, "ascending")]).to_numpy()
+        key = narrow.column("key").to_numpy()[order]
         start = np.ones(key.size, dtype=bool)
         start[1:] = key[1:] != key[:-1]
         if self.pairwise:
@@ -249,8 +252,8 @@ class ClusterDedup(ShuffleStage):
             in_group = np.bincount(gid)[gid] >= 2
             if not in_group.any():
                 return EDGES_SCHEMA.empty_table()
-            t = t.filter(pa.array(in_group))
-            start = start[in_group]
+            order, start = order[in_group], start[in_group]
+        t = partition.take(pa.array(order))
         group_first = np.maximum.accumulate(np.where(start, np.arange(start.size), 0))
         ids_np = t.column(ROW_KEY).to_numpy()
         if self.pairwise:

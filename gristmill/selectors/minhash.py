@@ -79,7 +79,7 @@ SUB_BATCH = 2048
 PERM_CHUNK = 2048
 # candidate pairs compared per chunk in verify_pairs
 VERIFY_CHUNK = 8192
-SKETCH_DTYPES = {8: np.uint8, 16: np.uint16, 32: np.uint32}
+SKETCH_DTYPES = {4: np.uint8, 8: np.uint8, 16: np.uint16, 32: np.uint32}
 
 _M1 = np.uint64(0xFF51AFD7ED558CCD)
 _M2 = np.uint64(0xC4CEB9FE1A85EC53)
@@ -507,6 +507,31 @@ def band_keys(sig: np.ndarray, bands: int, rows: int, kernel: Kernel = "auto") -
 
 
 # ---------------------------------------------------------------------------
+# b-bit sketches for verification
+
+def sketch(sig: np.ndarray, bits: int) -> np.ndarray:
+    """The low ``bits`` bits of every signature value, as bytes ``(rows, k * bits / 8)``
+    (4 bits: two values per byte, an odd ``k`` padded with a zero value)."""
+    low = sig.astype(SKETCH_DTYPES[bits])  # astype keeps the low bits
+    if bits == 4:
+        low &= np.uint8(0xF)
+        if low.shape[1] % 2:
+            low = np.concatenate([low, np.zeros((low.shape[0], 1), np.uint8)], axis=1)
+        low = low[:, 0::2] | (low[:, 1::2] << np.uint8(4))
+    return np.ascontiguousarray(low).view(np.uint8).reshape(sig.shape[0], -1)
+
+
+def sketch_agreements(a: np.ndarray, b: np.ndarray, bits: int) -> np.ndarray:
+    """Equal values of two stacks of sketches (rows of ``sketch``), per row; with
+    4 bits the padding value of an odd ``k`` agrees and is counted (subtract it)."""
+    if bits == 4:
+        x = a ^ b
+        return ((x & np.uint8(0xF)) == 0).sum(axis=1) + ((x >> np.uint8(4)) == 0).sum(axis=1)
+    dt = SKETCH_DTYPES[bits]
+    return (a.view(dt) == b.view(dt)).sum(axis=1)
+
+
+# ---------------------------------------------------------------------------
 # the stage
 
 class MinHashDedupParams(ClusterDedupParams):
@@ -527,7 +552,7 @@ class MinHashDedupParams(ClusterDedupParams):
                          "full signatures estimate a Jaccard of at least `threshold`, and a "
                          "record is dropped only for a kept survivor it was verified against "
                          "(false: datasketch's bands, candidates joined transitively)")
-    sketch_bits: Literal[8, 16, 32] = Field(8, description="bits of each signature value the "
+    sketch_bits: Literal[4, 8, 16, 32] = Field(8, description="bits of each signature value the "
                                             "shuffle carries for verify (b-bit minwise "
                                             "hashing): num_perm * sketch_bits / 8 bytes per band")
     bands: int | None = Field(None, ge=1, description="override the chosen bands (with rows)")
@@ -651,7 +676,6 @@ class MinHashDedup(ClusterDedup):
 
     def record_keys(self, batch: pa.Table) -> tuple[np.ndarray, np.ndarray, dict[str, pa.Array]]:
         keys, rows, sketches = [], [], []
-        sketch_dtype = SKETCH_DTYPES[self.params.sketch_bits]
         for start in range(0, batch.num_rows, SUB_BATCH):
             sub = batch.slice(start, SUB_BATCH)
             sig, has = self.signatures(sub)
@@ -659,18 +683,18 @@ class MinHashDedup(ClusterDedup):
             keys.append(band_keys(sig[idx], self.bands, self.rows, self.backend).ravel())
             rows.append(np.repeat(idx + start, self.bands))
             if self.params.verify:
-                # the low bits of every value (astype truncates), once per band row
-                sketches.append(np.repeat(sig[idx].astype(sketch_dtype), self.bands, axis=0))
+                sketches.append(sketch(sig[idx], self.params.sketch_bits))
         keys = np.concatenate(keys) if keys else np.zeros(0, np.uint64)
         rows = np.concatenate(rows) if rows else np.zeros(0, np.int64)
         extra = {}
         if self.params.verify:
-            k = self.params.num_perm
-            sk = (np.concatenate(sketches) if sketches else np.zeros((0, k), sketch_dtype))
-            width = k * sk.dtype.itemsize
-            extra["sketch"] = pa.Array.from_buffers(
-                pa.binary(width), sk.shape[0],
-                [None, pa.py_buffer(np.ascontiguousarray(sk).tobytes())])
+            width = sketch(np.zeros((1, self.params.num_perm), np.uint32),
+                           self.params.sketch_bits).shape[1]
+            sk = np.concatenate(sketches) if sketches else np.zeros((0, width), np.uint8)
+            # one copy per band row, written once; the Arrow array wraps it without copying
+            sk = np.repeat(sk, self.bands, axis=0)
+            extra["sketch"] = pa.Array.from_buffers(pa.binary(width), sk.shape[0],
+                                                    [None, pa.py_buffer(sk)])
         return keys, rows, extra
 
     def verify_pairs(self, group: pa.Table, better: np.ndarray,
@@ -678,12 +702,14 @@ class MinHashDedup(ClusterDedup):
         """Pairs whose sketches agree in at least ``agreements`` of ``num_perm``
         values (estimated Jaccard >= threshold, module doc)."""
         col = group.column("sketch").combine_chunks()
-        k = self.params.num_perm
-        dtype = SKETCH_DTYPES[self.params.sketch_bits]
-        flat = np.frombuffer(col.buffers()[1], dtype=dtype)
-        sk = flat[col.offset * k: (col.offset + len(col)) * k].reshape(len(col), k)
+        width = col.type.byte_width
+        flat = np.frombuffer(col.buffers()[1], dtype=np.uint8)
+        sk = flat[col.offset * width: (col.offset + len(col)) * width].reshape(len(col), width)
+        bits = self.params.sketch_bits
+        pad = int(bits == 4 and self.params.num_perm % 2)
         ok = np.empty(member.size, dtype=bool)
         for s in range(0, member.size, VERIFY_CHUNK):
-            agree = (sk[better[s: s + VERIFY_CHUNK]] == sk[member[s: s + VERIFY_CHUNK]])
-            ok[s: s + VERIFY_CHUNK] = agree.sum(axis=1) >= self.agreements
+            agree = sketch_agreements(sk[better[s: s + VERIFY_CHUNK]],
+                                      sk[member[s: s + VERIFY_CHUNK]], bits) - pad
+            ok[s: s + VERIFY_CHUNK] = agree >= self.agreements
         return ok
