@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gristmill import __version__
-from gristmill.pipeline.cli import main
+from gristmill.cli.main import main
 
 
 def test_stages_lists_every_stage_with_its_kind(capsys):

@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from gristmill import recipes
-from gristmill.pipeline.cli import main
+from gristmill.cli.main import main
 from gristmill.pipeline.demo import build_demo_corpus
 from gristmill.pipeline.examples import EXAMPLES, build_examples
 from gristmill.pipeline.recipe import check_recipe, load_recipe

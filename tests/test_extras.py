@@ -63,7 +63,7 @@ def run_without(blocked: list[str], code: str, cwd: Path) -> subprocess.Complete
 
 def cli_without(blocked: list[str], args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return run_without(blocked, f"""
-        from gristmill.pipeline.cli import main
+        from gristmill.cli.main import main
         sys.exit(main({args!r}))
     """, cwd)
 
@@ -134,7 +134,7 @@ def test_core_modules_and_every_stage_module_import_without_any_extra(tmp_path: 
                      "gristmill.pipeline.engines.dask", "gristmill.pipeline.engines.beam",
                      "gristmill.pipeline.demo", "gristmill.pipeline.examples", "gristmill.recipes"]:
             importlib.import_module(name)
-        from gristmill.pipeline.cli import build_parser
+        from gristmill.cli.main import build_parser
         build_parser()  # imports every command module
         blocked = set({ALL_OPTIONAL!r})
         leaked = sorted(m for m in sys.modules if m.partition(".")[0] in blocked)

@@ -28,7 +28,7 @@ from gristmill.pipeline.recipe import RecipeError, load_recipe
 from gristmill.pipeline.runner import OutputLock, OutputLocked, run_recipe
 from gristmill.pipeline.stage import ROW_KEY
 
-CLI = [sys.executable, "-m", "gristmill.pipeline.cli"]
+CLI = [sys.executable, "-m", "gristmill.cli"]
 
 
 def _kept(manifest: dict, out: Path) -> pa.Table:
@@ -265,7 +265,7 @@ def test_a_failing_write_ends_in_one_line_and_the_run_resumes(recipe_factory, tm
 
 
 def test_a_vanished_input_is_a_fault_named_in_one_line(tmp_path):
-    from gristmill.pipeline.commands import fault_line
+    from gristmill.cli.pipeline import fault_line
     from gristmill.pipeline.inputs import InputReader
     from gristmill.pipeline.readers import FileReport, InputTask
     from gristmill.pipeline.recipe import SourceSpec

@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from gristmill.pipeline.cli import main
+from gristmill.cli.main import main
 from gristmill.pipeline.tokenized import IndexedTokens
 from gristmill.trainers.tiny import build_tokenizer, tiny_lm_config
 
@@ -81,7 +81,7 @@ def test_two_rank_torchrun_matches_one_rank_with_the_same_global_batch(run_dir, 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     assert main(["train-lm", str(one)]) == 0
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    "-m", "gristmill.pipeline.cli", "train-lm", str(two)],
+                    "-m", "gristmill.cli", "train-lm", str(two)],
                    check=True, env=env, capture_output=True, timeout=300)
     a = json.loads((tmp_path / "one" / "curves.json").read_text())
     b = json.loads((tmp_path / "two" / "curves.json").read_text())

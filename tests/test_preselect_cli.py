@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from gristmill.pipeline.cli import main
+from gristmill.cli.main import main
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -7,8 +7,8 @@ import re
 import pyarrow.parquet as pq
 import pytest
 
+from gristmill.cli.main import main as cli_main
 from gristmill.pipeline import real_corpus as rc
-from gristmill.pipeline.cli import main as cli_main
 
 
 def _need(*names: str) -> None:

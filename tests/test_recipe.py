@@ -95,10 +95,10 @@ def test_cli_check_exits_2_and_reads_no_data(tmp_path):
     (tmp_path / "good.yaml").write_text("sources: [{path: in.jsonl}]\noutput: {path: out}\n")
     (tmp_path / "bad.yaml").write_text(
         "sources: [{path: in.jsonl}]\nstages: [{stage: sample, fraction: 2}]\noutput: {path: out}\n")
-    ok = subprocess.run([sys.executable, "-m", "gristmill.pipeline.cli", "check",
+    ok = subprocess.run([sys.executable, "-m", "gristmill.cli", "check",
                          str(tmp_path / "good.yaml")], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
-    bad = subprocess.run([sys.executable, "-m", "gristmill.pipeline.cli", "check",
+    bad = subprocess.run([sys.executable, "-m", "gristmill.cli", "check",
                           str(tmp_path / "bad.yaml")], capture_output=True, text=True)
     assert bad.returncode == 2
     assert "stages[0].fraction" in bad.stderr and "less than or equal to 1" in bad.stderr

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import make_text, write_jsonl, write_recipe
 
-from gristmill.pipeline.cli import main
+from gristmill.cli.main import main
 from gristmill.pipeline.inspection import diff_outputs
 from gristmill.pipeline.report import diff_words
 from gristmill.pipeline.runner import run_recipe

@@ -164,7 +164,7 @@ def test_resume_after_kill_gives_same_output(recipe_factory, tmp_path, kill_in_s
     reference = run_recipe(recipe_factory(out="ref"), progress=False)
     recipe = recipe_factory(out="killed", name="k.yaml")
     work = tmp_path / "killed" / "_work" / f"seg{kill_in_segment:02d}"
-    proc = subprocess.Popen([sys.executable, "-m", "gristmill.pipeline.cli", "run", str(recipe),
+    proc = subprocess.Popen([sys.executable, "-m", "gristmill.cli", "run", str(recipe),
                              "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     # kill once some, but not all, tasks of the segment are done
     assert _wait_for(lambda: len(list(work.glob("task-*/done.json"))) >= 3 or proc.poll() is not None)

@@ -4,7 +4,7 @@
 
     gristmill tokenize --tokenizer runs/tok --out runs/tokens/train out/
     gristmill train-lm lm.yaml --set max_steps=200 --set seed=1
-    torchrun --nproc_per_node 8 -m gristmill.pipeline.cli train-lm lm.yaml --set bf16=true
+    torchrun --nproc_per_node 8 -m gristmill.cli train-lm lm.yaml --set bf16=true
 """
 
 from __future__ import annotations

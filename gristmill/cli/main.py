@@ -14,13 +14,13 @@ import sys
 from gristmill.extras import MissingExtra, extra_providing, missing_modules
 
 COMMAND_MODULES: list[str] = [
-    "gristmill.pipeline.commands",
+    "gristmill.cli.pipeline",
     "gristmill.trainers.sft",
-    "gristmill.trainers.distill_cli",
-    "gristmill.trainers.preselect_cli",
-    "gristmill.trainers.lm_cli",
+    "gristmill.cli.distill",
+    "gristmill.cli.preselect",
+    "gristmill.cli.lm",
     "gristmill.pipeline.examples",
-    "gristmill.pipeline.real_corpus_cli",
+    "gristmill.cli.real_corpus",
     "gristmill.cli.stages",
 ]
 

@@ -108,7 +108,7 @@ def run_demo(root: Path, engine: str | None = None, workers: int | None = None) 
     The output lands in ``root/out/demo``.
     """
     from gristmill import recipes
-    from gristmill.pipeline.commands import _print_summary
+    from gristmill.cli.pipeline import _print_summary
     from gristmill.pipeline.recipe import load_recipe
     from gristmill.pipeline.runner import run_recipe
 

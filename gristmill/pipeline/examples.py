@@ -415,7 +415,7 @@ def build_distill(data: Path) -> list[Path]:
     -------
     list of Path
     """
-    from gristmill.trainers.distill_cli import builtin_dataset, write_dataset_jsonl
+    from gristmill.cli.distill import builtin_dataset, write_dataset_jsonl
 
     path = data / "digits" / "digits.jsonl"
     if not path.exists():  # written under a temporary name and renamed
