@@ -582,14 +582,15 @@ class _JsonlBlockReader:
                 report.reject(_tail_reason(cut_short) or
                               f"malformed JSON: {e.msg} at column {e.colno}", line_no, text)
                 continue
-            except ValueError as e:  # e.g. an integer longer than Python's digit limit
-                report.reject(f"malformed JSON: {e}", line_no, text)
-                continue
-            except RecursionError:
+            except (RecursionError, ValueError) as e:
+                # limits of Python's json, not of JSON (nesting depth, an integer longer
+                # than int's digit limit): pyarrow, which has neither, judges the line
                 got = self.fast(raw_line + b"\n", line_no)
                 if got is None:
-                    report.reject("nesting too deep for the JSON parser, and not a record when "
-                                  "read without the limit", line_no, text)
+                    limit = ("nesting too deep" if isinstance(e, RecursionError)
+                             else f"number too long ({e})")
+                    report.reject(f"{limit} for Python's JSON parser, and not a record for "
+                                  "pyarrow's", line_no, text)
                     continue
                 yield from self._flush(rows)
                 rows = []
