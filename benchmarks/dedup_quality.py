@@ -70,6 +70,8 @@ NUM_PERM = 128
 #: the arms: gristmill's defaults and each option, at THRESHOLD and NUM_PERM unless named
 ARMS: dict[str, dict] = {
     "gristmill defaults": {},
+    "gristmill margin: 0": {"margin": 0.0},
+    "gristmill margin: 1": {"margin": 1.0},
     "gristmill verify: false": {"verify": False},
     "gristmill sketch_bits: 4": {"sketch_bits": 4},
     "gristmill sketch_bits: 32": {"sketch_bits": 32},

@@ -23,6 +23,8 @@ from gristmill.selectors.minhash import (
     optimal_bands,
     shingle_hashes,
     signatures,
+    sketch,
+    sketch_agreements,
     verified_bands,
 )
 
@@ -315,10 +317,30 @@ def test_best_first_survivors_equal_a_sequential_visit(seed):
 
 
 def test_verified_bands_are_more_permissive_than_datasketch_and_minimize_the_objective():
-    assert verified_bands(0.8, 128) == (16, 8)
+    assert verified_bands(0.8, 128) == (17, 7)
     for t in (0.5, 0.7, 0.8, 0.9):
         vb, vr = verified_bands(t, 128)
         db, dr = optimal_bands(t, 128)
         assert 1 - (1 - t ** vr) ** vb > 1 - (1 - t ** dr) ** db  # catches more at t
     assert agreements_needed(0.8, 128, 32) == 103  # ceil(0.8 * 128) = 103
     assert agreements_needed(0.8, 128, 8) == 103  # 0.8 + 0.2 / 256: still 103 of 128
+    # half a standard error (0.0177) above: ceil(128 * 0.8177) = 105
+    assert agreements_needed(0.8, 128, 32, margin=0.5) == 105
+    # 4 bits: c = 1/16 inflates the error; ceil(128 * 0.8359) = 107
+    assert agreements_needed(0.8, 128, 4, margin=0.5) == 107
+
+
+@pytest.mark.parametrize("bits", [4, 8, 16, 32])
+@pytest.mark.parametrize("k", [127, 128])
+def test_sketch_agreements_count_equal_low_bits(bits, k):
+    rng = np.random.RandomState(bits + k)
+    a = rng.randint(0, 2**32, (50, k), dtype=np.uint64).astype(np.uint32)
+    b = a.copy()
+    b[rng.rand(50, k) < 0.3] ^= np.uint32(1 << (bits - 1))  # flips a kept bit
+    b[rng.rand(50, k) < 0.3] ^= np.uint32(1 << 31) if bits < 32 else np.uint32(0)  # a dropped one
+    mask = np.uint64((1 << bits) - 1)
+    expected = ((a.astype(np.uint64) & mask) == (b.astype(np.uint64) & mask)).sum(axis=1)
+    pad = int(bits == 4 and k % 2)
+    got = sketch_agreements(sketch(a, bits), sketch(b, bits), bits) - pad
+    assert sketch(a, bits).shape[1] == -(-k * bits // 8)
+    assert np.array_equal(got, expected)

@@ -16,22 +16,27 @@ the engine groups keys (its shuffle).
 
 By default (``verify: true``) a candidate pair is a duplicate only when its
 full signatures agree: with ``k = num_perm`` values compared, ``m`` equal,
-the estimate ``J^ = m / k`` must reach ``t``, and records are dropped only
-for a kept survivor they are verified against (the verified policy of
-:mod:`gristmill.selectors.dedup`; chains never drop). The shuffle carries a
-``sketch_bits``-bit sketch of every value (b-bit minwise hashing, Li & König,
-"b-Bit Minwise Hashing", WWW 2010): equal low bits happen with probability
-``P_b = J + (1 - J) 2^-b``, so ``J^ = (m / k - 2^-b) / (1 - 2^-b)``. A pair
-is then reported with probability ``P(s) = P_band(s) P_ver(s)``, where
-``P_band(s) = 1 - (1 - s^r)^b`` and ``P_ver(s) = P[Bin(k, P_b(s)) >= m_t]``
-(``m_t`` the fewest agreements that reach ``t``), and ``b, r`` minimize
-``w_fp * FP + w_fn * FN`` for that ``P``::
+the estimate ``J^ = m / k`` must reach ``t + margin * se`` (``se`` its
+standard error at ``t``, ``sqrt(t (1 - t) / k)``; ``margin`` 0.5 by default),
+and records are dropped only for a kept survivor they are verified against
+(the verified policy of :mod:`gristmill.selectors.dedup`; chains never drop).
+The shuffle carries a ``sketch_bits``-bit sketch of every value (b-bit
+minwise hashing, Li & König, "b-Bit Minwise Hashing", WWW 2010): equal low
+bits happen with probability ``P_b = J + (1 - J) c``, ``c = 2^-b``, so
+``J^ = (m / k - c) / (1 - c)``. A pair is then reported with probability
+``P(s) = P_band(s) P_ver(s)``, where ``P_band(s) = 1 - (1 - s^r)^b`` and
+``P_ver(s) = P[Bin(k, P_b(s)) >= m_t]`` (``m_t`` the fewest agreements that
+pass), and ``b, r`` minimize ``w_fp * FP + w_fn * FN`` for that ``P``::
 
     FP(b, r) = int_0^t P(s) ds      FN(b, r) = int_t^1 1 - P(s) ds
 
 Verification removes most of banding's false positives, so the optimum is a
-more permissive banding than datasketch's (16 x 8 instead of 9 x 13 at
-t = 0.8, k = 128): recall from the bands, precision from the check. With
+more permissive banding than datasketch's (17 x 7 instead of 9 x 13 at
+t = 0.8, k = 128): recall from the bands, precision from the check. The
+margin is not from the integrals, which weigh every similarity alike: real
+corpora hold many more pairs just below a threshold than just above it, so a
+cut at exactly ``t`` drops more false pairs than it misses true ones
+(``docs/dedup.md`` has the measurements that set it). With
 ``verify: false`` the bands are datasketch's and candidates are joined
 transitively, as datasketch users usually do.
 
@@ -136,25 +141,32 @@ def _band_probability(s: np.ndarray, b: np.ndarray, r: np.ndarray) -> np.ndarray
     return 1.0 - (1.0 - s[None, :] ** r) ** b
 
 
-def agreements_needed(threshold: float, num_perm: int, bits: int = 32) -> int:
-    """The fewest equal sketch values out of ``num_perm`` whose Jaccard estimate
-    ``(m / k - 2^-bits) / (1 - 2^-bits)`` reaches ``threshold``."""
+def agreements_needed(threshold: float, num_perm: int, bits: int = 32,
+                      margin: float = 0.0) -> int:
+    """The fewest equal sketch values ``m`` out of ``k = num_perm`` whose Jaccard
+    estimate ``(m / k - c) / (1 - c)``, ``c = 2^-bits``, reaches
+    ``threshold + margin * se``, where ``se = sqrt(p (1 - p) / k) / (1 - c)`` is the
+    estimate's standard error at the threshold (``p = t + (1 - t) c``)."""
     c = 0.0 if bits >= 32 else 2.0 ** -bits
-    return int(np.ceil(num_perm * (threshold * (1.0 - c) + c) - 1e-9))
+    p = threshold + (1.0 - threshold) * c
+    cut = min(1.0, threshold + margin * np.sqrt(p * (1.0 - p) / num_perm) / (1.0 - c))
+    return int(np.ceil(num_perm * (cut * (1.0 - c) + c) - 1e-9))
 
 
 def verified_bands(threshold: float, num_perm: int, fp_weight: float = 0.5,
-                   fn_weight: float = 0.5, bits: int = 8) -> tuple[int, int]:
+                   fn_weight: float = 0.5, bits: int = 8,
+                   margin: float = 0.5) -> tuple[int, int]:
     """Bands ``b`` and rows ``r`` for the verified scheme (module doc): minimize
     ``fp_weight * FP + fn_weight * FN`` of ``P(s) = P_band(s) * P_ver(s)``.
 
     ``P_ver(s)`` is the probability that ``num_perm`` ``bits``-bit sketch values
-    give an estimate of at least ``threshold`` at true Jaccard ``s``.
+    agree in at least ``agreements_needed(threshold, num_perm, bits, margin)``
+    positions at true Jaccard ``s``.
 
     Examples
     --------
     >>> verified_bands(0.8, 128)
-    (16, 8)
+    (17, 7)
     """
     from scipy.stats import binom
 
@@ -162,7 +174,7 @@ def verified_bands(threshold: float, num_perm: int, fp_weight: float = 0.5,
                       for r in range(1, num_perm // b + 1)], dtype=np.float64)
     b, r = pairs[:, :1], pairs[:, 1:]
     c = 0.0 if bits >= 32 else 2.0 ** -bits
-    need = agreements_needed(threshold, num_perm, bits)
+    need = agreements_needed(threshold, num_perm, bits, margin)
     s0, w0 = _gauss_legendre(0.0, threshold, 128)
     s1, w1 = _gauss_legendre(threshold, 1.0, 128)
     ver0 = binom.sf(need - 1, num_perm, s0 + (1.0 - s0) * c)
@@ -555,6 +567,8 @@ class MinHashDedupParams(ClusterDedupParams):
     sketch_bits: Literal[4, 8, 16, 32] = Field(8, description="bits of each signature value the "
                                             "shuffle carries for verify (b-bit minwise "
                                             "hashing): num_perm * sketch_bits / 8 bytes per band")
+    margin: float = Field(0.5, ge=-3, le=3, description="verify accepts an estimated Jaccard "
+                          "of at least threshold + margin standard errors of the estimate")
     bands: int | None = Field(None, ge=1, description="override the chosen bands (with rows)")
     rows: int | None = Field(None, ge=1, description="override the chosen rows (with bands)")
     kernel: Kernel = Field("auto", description="native: the C++ kernel (an error if it does "
@@ -605,7 +619,11 @@ class MinHashDedup(ClusterDedup):
     verify : bool
         Verified policy (default) or transitive LSH clusters.
     sketch_bits : int
-        8, 16 or 32 bits of each signature value carried for verification.
+        4, 8, 16 or 32 bits of each signature value carried for verification.
+    margin : float
+        Verification cut in standard errors of the estimate above ``threshold``
+        (0.5: the estimate must reach about 0.82 at t = 0.8, k = 128; why:
+        docs/dedup.md).
     bands, rows : int, optional
         Override the chosen banding (both or neither).
     kernel : str
@@ -643,11 +661,11 @@ class MinHashDedup(ClusterDedup):
             self.bands, self.rows = p.bands, p.rows
         elif p.verify:
             self.bands, self.rows = verified_bands(p.threshold, p.num_perm, p.fp_weight,
-                                                   p.fn_weight, p.sketch_bits)
+                                                   p.fn_weight, p.sketch_bits, p.margin)
         else:
             self.bands, self.rows = optimal_bands(p.threshold, p.num_perm, p.fp_weight,
                                                   p.fn_weight)
-        self.agreements = agreements_needed(p.threshold, p.num_perm, p.sketch_bits)
+        self.agreements = agreements_needed(p.threshold, p.num_perm, p.sketch_bits, p.margin)
 
     @property
     def pairwise(self) -> bool:
