@@ -44,7 +44,6 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from tqdm.auto import tqdm
 
-from gristmill.cli.distill import hashed_ngram_features, topic_sentences
 from gristmill.trainers.distill import (
     DistillConfig,
     Normalizer,
@@ -53,6 +52,7 @@ from gristmill.trainers.distill import (
     representative_indices,
     train_and_evaluate,
 )
+from gristmill.trainers.distill_data import hashed_ngram_features, topic_sentences
 from gristmill.trainers.experts import ExpertConfig, mean_epoch_step, train_experts
 
 torch.set_num_threads(1)

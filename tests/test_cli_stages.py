@@ -38,3 +38,39 @@ def test_mistyped_subcommand_suggests_the_closest(capsys):
     with pytest.raises(SystemExit) as e:
         main(["rnu", "x.yaml"])
     assert e.value.code == 2 and "did you mean run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["train-lm", "{missing}"], "gristmill: train-lm: no config file at"),
+    (["train-lm", "{bad}", "--set", "max_steps=-3"], "max_steps: Input should be greater than"),
+    (["sft", "--model", "{tmp}", "--data", "x", "--out", "y", "--steps", "0"],
+     "gristmill: sft: steps: Input should be greater than or equal to 1"),
+    (["distill", "--dataset", "digits", "--ipc", "0", "--output", "{tmp}/o"],
+     "gristmill: distill: ipc: Input should be greater than or equal to 1"),
+    (["tokenize", "--tokenizer", "{missing}", "--out", "x", "{tmp}"],
+     "gristmill: tokenize: --tokenizer"),
+])
+def test_config_errors_of_commands_are_one_line_with_exit_code_2(argv, expected, tmp_path,
+                                                                  capsys):
+    bad = tmp_path / "lm.yaml"
+    bad.write_text("train: [x]\nout_dir: o\n")
+    argv = [a.format(missing=tmp_path / "none.yaml", bad=bad, tmp=tmp_path) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gristmill: ") and err.count("\n") == 1 and expected in err, err
+
+
+def test_every_option_of_every_command_has_help():
+    import argparse
+
+    from gristmill.cli.main import build_parser
+
+    def walk(parser, path):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from walk(sub, f"{path} {name}")
+            elif not isinstance(action, argparse._HelpAction) and not action.help:
+                yield f"{path}: {action.option_strings or action.dest}"
+
+    assert list(walk(build_parser(), "gristmill")) == []

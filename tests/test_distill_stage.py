@@ -12,12 +12,12 @@ import pytest
 import yaml
 from sklearn.datasets import load_digits
 
-from gristmill.cli.distill import topic_sentences
 from gristmill.cli.main import main as cli_main
 from gristmill.pipeline.registry import stage_class
 from gristmill.pipeline.runner import run_recipe
 from gristmill.pipeline.stage import merge_all
 from gristmill.selectors.distill_stage import Distill
+from gristmill.trainers.distill_data import topic_sentences
 
 TINY_PARAMS = {
     "width": 16, "depth": 1,

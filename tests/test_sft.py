@@ -102,7 +102,7 @@ def test_torchrun_two_ranks_train_with_ddp_and_rank_zero_saves(base, tmp_path):
            "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "gristmill.trainers.sft", "--model", str(base), "--data", str(shard),
+         "-m", "gristmill.cli", "sft", "--model", str(base), "--data", str(shard),
          "--out", str(tmp_path / "out"), "--steps", "3", "--batch-size", "2", "--device", "cpu"],
         capture_output=True, text=True, env=env, timeout=240)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -29,123 +29,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
+from gristmill.cli.errors import CommandError, config_error
+from gristmill.trainers.distill_data import (
+    DATASETS,
+    builtin_dataset,
+    column_as_matrix,
+    write_dataset_jsonl,
+)
+
 # torch, scikit-learn and matplotlib are imported where used: building the
 # `gristmill` parser imports this module for every command.
-DATASETS = ("digits", "topics")
 MODEL_KINDS = ("mlp", "convnet")
-
-TOPIC_WORDS = {
-    "cooking": "oven simmer garlic flour butter recipe bake onion pepper sauce roast dough "
-               "skillet fry stew spice".split(),
-    "finance": "market stock bond yield interest loan bank credit dividend inflation equity "
-               "budget invest price fund".split(),
-    "space": "orbit rocket planet launch satellite moon star galaxy telescope astronaut comet "
-             "gravity mars crater probe".split(),
-    "sports": "match goal team coach league score player season referee stadium sprint "
-              "tournament pass defense win".split(),
-    "music": "melody chord guitar rhythm album concert drum singer tempo piano verse band "
-             "chorus violin note".split(),
-}
-SHARED_WORDS = ("the a of and to in on with for new big small last first good long report "
-                "today people time year day week city world plan").split()
-
-
-def topic_sentences(n_per_topic: int = 300, seed: int = 0) -> tuple[list[str], np.ndarray]:
-    """Generated sentences and their topic labels (strings).
-
-    Each sentence has 6-12 words: ~55% shared words, the rest topic words of
-    which one in four is borrowed from another topic, so a word alone does not
-    give the label away.
-    """
-    rng = np.random.default_rng(seed)
-    topics = sorted(TOPIC_WORDS)
-    texts, labels = [], []
-    for topic in topics:
-        others = [t for t in topics if t != topic]
-        for _ in range(n_per_topic):
-            words = []
-            for _ in range(int(rng.integers(6, 13))):
-                if rng.random() < 0.55:
-                    words.append(str(rng.choice(SHARED_WORDS)))
-                elif rng.random() < 0.25:
-                    words.append(str(rng.choice(TOPIC_WORDS[str(rng.choice(others))])))
-                else:
-                    words.append(str(rng.choice(TOPIC_WORDS[topic])))
-            texts.append(" ".join(words))
-            labels.append(topic)
-    return texts, np.asarray(labels)
-
-
-def hashed_ngram_features(texts: list[str], n_features: int = 256) -> np.ndarray:
-    """L2-normalised counts of hashed word uni- and bigrams (scikit-learn ``HashingVectorizer``)."""
-    from sklearn.feature_extraction.text import HashingVectorizer
-
-    vec = HashingVectorizer(n_features=n_features, ngram_range=(1, 2), alternate_sign=False,
-                            norm="l2")
-    return vec.transform(texts).toarray().astype(np.float32)
-
-
-def builtin_dataset(name: str) -> tuple[np.ndarray, np.ndarray, list[str], tuple[int, ...] | None]:
-    """``(x, y, texts, image_shape)`` of a built-in data set (``digits`` or ``topics``)."""
-    if name == "digits":
-        from sklearn.datasets import load_digits
-
-        x, y = load_digits(return_X_y=True)
-        texts = [f"8x8 handwritten digit {v}" for v in y]
-        return x.astype(np.float32), y.astype(np.int64), texts, (1, 8, 8)
-    if name == "topics":
-        texts, y = topic_sentences()
-        return hashed_ngram_features(texts), y, texts, None
-    raise ValueError(f"--dataset must be one of {DATASETS}, got {name!r}")
-
-
-def write_dataset_jsonl(path: Path, x: np.ndarray, y: np.ndarray, texts: list[str],
-                        prefix: str) -> None:
-    """One JSON record per row: id, text, features, label (input for a recipe)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        for i, (row, label, text) in enumerate(zip(x, y, texts, strict=True)):
-            f.write(json.dumps({"id": f"{prefix}-{i:05d}", "text": text,
-                                "features": [round(float(v), 6) for v in row.reshape(-1)],
-                                "label": label.item()}) + "\n")
-    tmp.replace(path)
-
-
-def column_as_matrix(column: pa.ChunkedArray | pa.Array, name: str) -> np.ndarray:
-    """A list column (or JSON-array strings, as recipe readers pass extra columns) as 2-d float32."""
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
-    if column.null_count:
-        raise ValueError(f"column {name!r} has {column.null_count} null rows")
-    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
-        rows = [json.loads(v) for v in column.to_pylist()]
-        arr = np.asarray(rows, dtype=np.float32)
-    elif pa.types.is_list(column.type) or pa.types.is_large_list(column.type) or \
-            pa.types.is_fixed_size_list(column.type):
-        lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
-        flat = pc.list_flatten(column)
-        while pa.types.is_list(flat.type) or pa.types.is_fixed_size_list(flat.type):
-            flat = pc.list_flatten(flat)
-        if lengths.size and lengths.min() != lengths.max():
-            raise ValueError(f"column {name!r} has rows of different lengths "
-                             f"({lengths.min()} to {lengths.max()})")
-        arr = flat.to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(column), -1)
-    else:
-        raise ValueError(f"column {name!r} has type {column.type}; expected a list of numbers "
-                         f"or JSON arrays as strings")
-    if arr.ndim != 2:
-        raise ValueError(f"column {name!r} must hold equal-length numeric arrays")
-    return arr
 
 
 def read_table(path: Path) -> pa.Table:
@@ -238,15 +139,13 @@ def run_distill(args: argparse.Namespace) -> int:
         table = read_table(Path(args.input))
         for col in (args.feature_column, args.label_column):
             if col not in table.column_names:
-                print(f"error: --input {args.input} has no column {col!r}; it has "
-                      f"{table.column_names}", file=sys.stderr)
-                return 2
+                raise CommandError(f"distill: --input {args.input} has no column {col!r}; it "
+                                   f"has {table.column_names}")
         x = column_as_matrix(table.column(args.feature_column), args.feature_column)
         y = table.column(args.label_column).to_numpy(zero_copy_only=False)
         shape = draw_shape = args.image_shape
     if args.model == "convnet" and shape is None:
-        print("error: --model convnet needs images: pass --image-shape C,H,W", file=sys.stderr)
-        return 2
+        raise CommandError("distill: --model convnet needs images: pass --image-shape C,H,W")
     experts, config = _configs(args)
     x_te = y_te = None
     if args.evaluate:
@@ -279,8 +178,7 @@ def _cli(args: argparse.Namespace) -> int:
     try:
         return run_distill(args)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise CommandError(f"distill: {e}") from None
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -292,25 +190,34 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--dataset", choices=DATASETS, help="a built-in data set")
     p.add_argument("--write-dataset", metavar="PATH",
                    help="write the --dataset as JSONL (id, text, features, label) and stop")
-    p.add_argument("--feature-column", default="features")
-    p.add_argument("--label-column", default="label")
+    p.add_argument("--feature-column", default="features",
+                   help="list column of the features (--input)")
+    p.add_argument("--label-column", default="label", help="column of the class labels")
     p.add_argument("--image-shape", type=_parse_shape, help="C,H,W of flat feature rows")
     p.add_argument("--output", help="output folder")
-    p.add_argument("--model", choices=MODEL_KINDS, default="mlp")
+    p.add_argument("--model", choices=MODEL_KINDS, default="mlp",
+                   help="network trained on the data (convnet needs --image-shape)")
     p.add_argument("--ipc", type=int, default=10, help="synthetic examples per class")
-    p.add_argument("--iterations", type=int, default=300)
+    p.add_argument("--iterations", type=int, default=300, help="distillation steps")
     p.add_argument("--syn-steps", type=int, default=20, help="student steps N")
     p.add_argument("--expert-epochs", type=int, default=2, help="expert epochs matched M")
     p.add_argument("--max-start-epoch", type=int, default=10, help="T+")
-    p.add_argument("--lr-images", type=float, default=10.0)
-    p.add_argument("--lr-lr", type=float, default=1e-5)
-    p.add_argument("--lr-init", type=float, default=0.01)
-    p.add_argument("--batch-syn", type=int, default=None)
+    p.add_argument("--lr-images", type=float, default=10.0,
+                   help="learning rate of the synthetic examples")
+    p.add_argument("--lr-lr", type=float, default=1e-5,
+                   help="learning rate of the learned student learning rate")
+    p.add_argument("--lr-init", type=float, default=0.01,
+                   help="initial student learning rate")
+    p.add_argument("--batch-syn", type=int, default=None,
+                   help="synthetic examples per student step (default: all)")
     p.add_argument("--init", choices=("representative", "real", "noise"),
-                   default="representative")
-    p.add_argument("--balanced-loss", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--intermediate-matching", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--weight-perturb", action=argparse.BooleanOptionalAction, default=True)
+                   default="representative", help="initialization of the synthetic set")
+    p.add_argument("--balanced-loss", action=argparse.BooleanOptionalAction, default=True,
+                   help="balanced inner-loop loss")
+    p.add_argument("--intermediate-matching", action=argparse.BooleanOptionalAction, default=True,
+                   help="match intermediate expert checkpoints too")
+    p.add_argument("--weight-perturb", action=argparse.BooleanOptionalAction, default=True,
+                   help="perturb the student start weights")
     p.add_argument("--perturb-mode", choices=["ast", "filter"], default="ast",
                    help="ast: the AST code's W + a (D/||D||_F) W on conv kernels only (an MLP is "
                         "not perturbed); filter: Li et al.'s filter-normalised noise")
@@ -318,24 +225,29 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="alpha of the perturbation (default 1 for ast, 0.01 for filter)")
     p.add_argument("--student-momentum", type=float, default=0.9, help="0 turns it off")
     p.add_argument("--experts", choices=("ast", "mtt"), default="ast", help="expert recipe")
-    p.add_argument("--num-experts", type=int, default=5)
+    p.add_argument("--num-experts", type=int, default=5, help="expert trajectories to train")
     p.add_argument("--train-epochs", type=int, default=20, help="epochs per expert")
-    p.add_argument("--expert-lr", type=float, default=0.01)
-    p.add_argument("--expert-batch-size", type=int, default=64)
+    p.add_argument("--expert-lr", type=float, default=0.01, help="learning rate of the experts")
+    p.add_argument("--expert-batch-size", type=int, default=64, help="batch size of the experts")
     p.add_argument("--evaluate", action="store_true",
                    help="hold out 20%% and compare distilled / random real / full data")
-    p.add_argument("--eval-seeds", type=int, default=5)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-seeds", type=int, default=5, help="fresh networks per evaluated set")
+    p.add_argument("--seed", type=int, default=0, help="seed of every random choice")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_check_and_run)
 
 
 def _check_and_run(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
     if not args.write_dataset and not args.output:
-        print("error: --output is required (or --write-dataset with --dataset)", file=sys.stderr)
-        return 2
+        raise CommandError("distill: --output is required (or --write-dataset with --dataset)")
     if args.write_dataset and not args.dataset:
-        print("error: --write-dataset needs --dataset", file=sys.stderr)
-        return 2
+        raise CommandError("distill: --write-dataset needs --dataset")
+    if not args.write_dataset:
+        try:  # every option is checked before any data is read
+            _configs(args)
+        except ValidationError as e:
+            raise config_error("distill", e) from None
     return _cli(args)

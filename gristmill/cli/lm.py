@@ -13,6 +13,8 @@ import argparse
 import json
 from pathlib import Path
 
+from gristmill.cli.errors import CommandError, config_error
+
 SHARD_GLOBS = ("part-*.parquet", "part-*.jsonl")
 
 
@@ -39,26 +41,46 @@ def _parse_value(text: str):
 
 
 def load_train_config(path: str, overrides: list[str]):
-    """An ``LMTrainConfig`` from a YAML or JSON file plus ``key=value`` overrides."""
+    """An ``LMTrainConfig`` from a YAML or JSON file plus ``key=value`` overrides;
+    ``CommandError`` (one line, naming the field) when it is not valid."""
     import yaml
+    from pydantic import ValidationError
 
     from gristmill.trainers.lm import LMTrainConfig
 
-    fields = yaml.safe_load(Path(path).read_text()) or {}
+    if not Path(path).is_file():
+        raise CommandError(f"train-lm: no config file at {path}")
+    try:
+        fields = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as e:
+        raise CommandError(f"train-lm: {path} is not valid YAML: "
+                           f"{' '.join(str(e).split())}") from None
     if not isinstance(fields, dict):
-        raise ValueError(f"{path}: expected a mapping of LMTrainConfig fields")
+        raise CommandError(f"train-lm: {path}: expected a mapping of LMTrainConfig fields")
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:
-            raise ValueError(f"--set expects key=value, got {item!r}")
+            raise CommandError(f"train-lm: --set expects key=value, got {item!r}")
         fields[key] = _parse_value(value)
-    return LMTrainConfig(**fields)
+    try:
+        return LMTrainConfig(**fields)
+    except ValidationError as e:
+        raise config_error("train-lm", e, prefix=f"{path}: ") from None
 
 
 def run_tokenize(args: argparse.Namespace) -> int:
     from gristmill.pipeline.tokenized import IndexedTokens, tokenize_shards
 
-    tokenize_shards(shard_files(args.shards), args.tokenizer, args.out, text_column=args.text_column,
+    if not Path(args.tokenizer).is_dir():
+        raise CommandError(f"tokenize: --tokenizer {args.tokenizer} is not a folder")
+    try:
+        files = shard_files(args.shards)
+    except ValueError as e:
+        raise CommandError(f"tokenize: {e}") from None
+    missing = [str(f) for f in files if not f.exists()]
+    if missing:
+        raise CommandError(f"tokenize: no such shard file(s): {', '.join(missing)}")
+    tokenize_shards(files, args.tokenizer, args.out, text_column=args.text_column,
                     domain_column=args.domain_column or None, append_eos=not args.no_eos,
                     batch_size=args.batch_size)
     print(IndexedTokens(args.out))
@@ -79,10 +101,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     tok.add_argument("shards", nargs="+", help="shard files, shard folders or run output folders")
     tok.add_argument("--tokenizer", required=True, help="Hugging Face tokenizer folder")
     tok.add_argument("--out", required=True, help="output prefix (writes .bin, .idx, .dom.npy, .domains.json)")
-    tok.add_argument("--text-column", default="text")
+    tok.add_argument("--text-column", default="text", help="column holding the text")
     tok.add_argument("--domain-column", default="domain", help="empty string to ignore domains")
     tok.add_argument("--no-eos", action="store_true", help="do not append eos to each document")
-    tok.add_argument("--batch-size", type=int, default=1024)
+    tok.add_argument("--batch-size", type=int, default=1024, help="documents tokenized at a time")
     tok.set_defaults(func=run_tokenize)
 
     lm = subparsers.add_parser("train-lm", help="pretrain a causal LM on tokenized shards")

@@ -1,8 +1,10 @@
-"""The ``gristmill`` command line.
+"""The ``gristmill`` command line: one parser, a subcommand per module.
 
-Core commands (run, check, inspect, demo) live here; other areas add theirs
-by listing a module in ``COMMAND_MODULES``. Each such module defines
-``add_parser(subparsers)``, which registers a subparser and sets ``func``.
+Every module in ``COMMAND_MODULES`` (all in ``gristmill.cli``) defines
+``add_parser(subparsers)``, which registers its subcommand and sets ``func``.
+Algorithm modules hold no argument parsing. A command reports a configuration
+error by raising ``CommandError`` (``gristmill.cli.errors``): one
+``gristmill: ...`` line on stderr and exit code 2, like recipe errors.
 """
 
 from __future__ import annotations
@@ -11,15 +13,16 @@ import argparse
 import importlib
 import sys
 
+from gristmill.cli.errors import CommandError
 from gristmill.extras import MissingExtra, extra_providing, missing_modules
 
 COMMAND_MODULES: list[str] = [
     "gristmill.cli.pipeline",
-    "gristmill.trainers.sft",
+    "gristmill.cli.sft",
     "gristmill.cli.distill",
     "gristmill.cli.preselect",
     "gristmill.cli.lm",
-    "gristmill.pipeline.examples",
+    "gristmill.cli.examples",
     "gristmill.cli.real_corpus",
     "gristmill.cli.stages",
 ]
@@ -87,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
+    except CommandError as e:
+        print(f"gristmill: {e}", file=sys.stderr)
+        return 2
     except MissingExtra as e:
         print(f"gristmill: {e}", file=sys.stderr)
         return 2

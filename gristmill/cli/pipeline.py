@@ -158,7 +158,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("check", help="validate a recipe and its inputs without reading data",
                        description="Validate the recipe (fields, stage parameters, columns) and "
                        "that every input exists. Reads no data. Exit 2 on an error.")
-    p.add_argument("recipe")
+    p.add_argument("recipe", help="path to a YAML recipe")
     p.set_defaults(func=_check)
 
     p = sub.add_parser("inspect", help="counts, time and sample records of a finished output",
@@ -193,6 +193,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        "to OUT/out/demo.")
     p.add_argument("--out", "--root", dest="root", default=".",
                    help="working folder for recipes/, data/ and out/ (default: the current one)")
-    p.add_argument("--engine", choices=["local", "dask", "beam"])
-    p.add_argument("--workers", type=int)
+    p.add_argument("--engine", choices=["local", "dask", "beam"], help="override engine.kind")
+    p.add_argument("--workers", type=int, help="override engine.workers")
     p.set_defaults(func=_demo)

@@ -148,17 +148,17 @@ def _select(args: argparse.Namespace) -> int:
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("preselect", help="PreSelect: probe, train a fastText scorer, select",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="preselect_command", metavar="STEP")
+    sub = p.add_subparsers(dest="preselect_command", metavar="STEP", help="probe, train or select")
     sub.required = True
 
     def common(q: argparse.ArgumentParser) -> None:
         q.add_argument("input", nargs="+", help="JSONL/parquet files, folders or globs")
         q.add_argument("--out", required=True, help="output folder")
-        q.add_argument("--workers", type=int, default=1)
+        q.add_argument("--workers", type=int, default=1, help="local engine worker processes")
         q.add_argument("--batch-rows", type=int, default=1024, help="records per engine batch")
-        q.add_argument("--seed", type=int, default=0)
+        q.add_argument("--seed", type=int, default=0, help="recipe seed")
         q.add_argument("--fresh", action="store_true", help="replace an earlier output")
-        q.add_argument("--quiet", action="store_true")
+        q.add_argument("--quiet", action="store_true", help="no progress bars")
         q.add_argument("--no-report", action="store_true", help="skip report.html (plots)")
         q.add_argument("--print-recipe", action="store_true", help="print the recipe, run nothing")
 
@@ -169,24 +169,26 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("--models", help="YAML list of {path, score} (paths relative to the file)")
     q.add_argument("--sample", type=float, default=1.0, help="fraction of the input to probe")
     q.add_argument("--max-length", type=int, default=None, help="likelihood window (tokens)")
-    q.add_argument("--stride", type=int, default=None)
+    q.add_argument("--stride", type=int, default=None,
+                   help="sliding-window stride for texts longer than --max-length")
     q.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
-    q.add_argument("--device", default="auto")
+    q.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     q.set_defaults(func=_probe)
 
     q = sub.add_parser("train", help="fastText classifier on a probe's labelled shards")
     q.add_argument("labelled", help="a probe's output folder or a parquet file")
     q.add_argument("--out", required=True, help="model file (.bin); MODEL.json goes beside it")
-    q.add_argument("--text-column", default="text")
-    q.add_argument("--label-column", default="preselect_label")
-    q.add_argument("--epoch", type=int, default=3)
-    q.add_argument("--lr", type=float, default=0.1)
-    q.add_argument("--word-ngrams", type=int, default=2)
-    q.add_argument("--dim", type=int, default=100)
-    q.add_argument("--bucket", type=int, default=2_000_000)
-    q.add_argument("--threads", type=int, default=1)
-    q.add_argument("--valid-fraction", type=float, default=0.1)
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--text-column", default="text", help="column with the text")
+    q.add_argument("--label-column", default="preselect_label", help="column with the 0/1 label")
+    q.add_argument("--epoch", type=int, default=3, help="fastText epochs")
+    q.add_argument("--lr", type=float, default=0.1, help="fastText learning rate")
+    q.add_argument("--word-ngrams", type=int, default=2, help="fastText word n-gram length")
+    q.add_argument("--dim", type=int, default=100, help="fastText vector size")
+    q.add_argument("--bucket", type=int, default=2_000_000, help="fastText hash buckets")
+    q.add_argument("--threads", type=int, default=1, help="fastText threads")
+    q.add_argument("--valid-fraction", type=float, default=0.1,
+                   help="share held out for the validation AUC")
+    q.add_argument("--seed", type=int, default=0, help="seed of the split and of fastText")
     q.set_defaults(func=_train)
 
     q = sub.add_parser("select", help="score with a fastText classifier, keep the top fraction")
@@ -195,5 +197,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("--label", default="__label__1", help="positive label of the classifier")
     q.add_argument("--fraction", type=float, default=0.1, help="fraction of characters to keep")
     q.add_argument("--name", default="preselect", help="score column name")
-    q.add_argument("--write-dropped", action="store_true")
+    q.add_argument("--write-dropped", action="store_true",
+                   help="write id, stage and reason of every drop")
     q.set_defaults(func=_select)

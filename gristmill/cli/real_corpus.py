@@ -50,11 +50,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("out", help="output folder (corpus.parquet, packages.parquet, manifest.json)")
     p.add_argument("--sources", nargs="+", default=["all"],
                    help="source names, 'english' or 'all' (default)")
-    p.add_argument("--min-chars", type=int, default=1000)
-    p.add_argument("--max-chars", type=int, default=4000)
+    p.add_argument("--min-chars", type=int, default=1000,
+                   help="a new document starts at a heading once this many characters are in")
+    p.add_argument("--max-chars", type=int, default=4000,
+                   help="a longer paragraph is cut at the last whitespace before this")
     p.add_argument("--dev", type=float, default=0.1, help="share of source documents in dev")
     p.add_argument("--test", type=float, default=0.1, help="share of source documents in test")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/dev/test split hash")
     p.add_argument("--max-files", type=int, default=None, help="files per manual (quick slice)")
     p.add_argument("--max-packages", type=int, default=None, help="package descriptions kept")
     p.set_defaults(func=_cli)

@@ -35,8 +35,8 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field, model_validator
 
-from gristmill.cli.distill import column_as_matrix
 from gristmill.pipeline.stage import GlobalStage, StageOutput, StageParams, keep_all
+from gristmill.trainers.distill_data import column_as_matrix
 
 
 class DistillParams(StageParams):

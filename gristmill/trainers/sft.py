@@ -14,7 +14,7 @@ DistributedDataParallel, each rank takes every ``world_size``-th example of
 the shared shuffled order, and rank 0 logs and saves::
 
     gristmill sft --model base/ --data out/shards --out sft-model --steps 1000
-    torchrun --nproc_per_node 8 -m gristmill.trainers.sft --model base/ \\
+    torchrun --nproc_per_node 8 -m gristmill.cli sft --model base/ \\
         --data out/shards --out sft-model --bf16
 
 The same loop pretrains when every label equals its token (``lm_examples``).
@@ -22,7 +22,6 @@ The same loop pretrains when every label equals its token (``lm_examples``).
 
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import math
@@ -33,7 +32,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
@@ -414,50 +412,3 @@ def greedy_responses(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_
                 row = row[: row.index(eos)]
             out.append(tokenizer.decode(row, skip_special_tokens=True))
     return out
-
-
-# ----------------------------------------------------------------------------
-# Command line
-
-
-def add_parser(subparsers: Any) -> None:
-    """``gristmill sft``: fine-tune a causal LM on SFT shards."""
-    p = subparsers.add_parser("sft", help="fine-tune a causal LM on SFT shards (prompt, response)")
-    _arguments(p)
-    p.set_defaults(func=_run)
-
-
-def _arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="folder with the base model and tokenizer")
-    p.add_argument("--data", required=True, nargs="+", help="parquet shards, folders or globs")
-    p.add_argument("--out", required=True, help="folder for the fine-tuned model")
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--max-length", type=int, default=1024)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--bf16", action="store_true")
-    p.add_argument("--device", default="auto")
-
-
-def _run(args: argparse.Namespace) -> int:
-    cfg = SFTConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                    lr=args.lr, min_lr=args.lr / 10, max_length=args.max_length, seed=args.seed,
-                    bf16=args.bf16, device=args.device)
-    curves = train_sft(args.model, args.data, args.out, cfg)
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(f"sft: {cfg.steps} steps, final train loss {np.mean(curves.train_loss[-10:]):.4f}, "
-              f"{curves.tokens:,} response tokens, {curves.seconds:.1f}s; saved to {args.out}")
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gristmill.trainers.sft",
-                                     description="Fine-tune a causal LM on SFT shards.")
-    _arguments(parser)
-    return _run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
