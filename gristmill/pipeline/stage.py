@@ -30,6 +30,7 @@ the counts reconcile: read = kept + dropped + rejected.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -284,11 +285,33 @@ class ShuffleStage(Stage):
         raise NotImplementedError
 
 
-def merge_all(stage: GlobalStage, summaries: list[Any]) -> Any:
-    """Fold summaries in the given order; None entries (no rows) are skipped."""
-    acc = None
+def merge_all(stage: GlobalStage, summaries: Iterable[Any]) -> Any:
+    """Merge summaries as a balanced tree, keeping their order; None entries (no
+    rows) are skipped.
+
+    A left fold ``merge(merge(merge(s1, s2), s3), ...)`` of ``k`` summaries that
+    concatenate (a top fraction's per-record scores) copies everything merged so
+    far at every step: ``O(n k)`` bytes for ``n`` records, quadratic in the task
+    count. Merging neighbours of equal size (a binary counter over the stream)
+    copies each record ``log2 k`` times, ``O(n log k)``, and holds at most
+    ``log2 k`` partial results besides the summaries not yet read, so a lazy
+    iterable (summaries loaded one at a time) keeps memory at the merged size.
+    The result is the same summary: neighbours are merged left to right, so a
+    concatenation keeps its order.
+    """
+    stack: list[tuple[int, Any]] = []  # (number of summaries merged in, summary)
     for s in summaries:
         if s is None:
             continue
-        acc = s if acc is None else stage.merge(acc, s)
+        size = 1
+        while stack and stack[-1][0] == size:
+            left_size, left = stack.pop()
+            s = stage.merge(left, s)
+            size += left_size
+        stack.append((size, s))
+    if not stack:
+        return None
+    acc = stack.pop()[1]
+    while stack:
+        acc = stage.merge(stack.pop()[1], acc)
     return acc

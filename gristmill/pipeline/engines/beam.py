@@ -24,16 +24,18 @@ or with ``engine.workers: N`` in ``N`` worker processes
 ``DataflowRunner``, ``PortableRunner``) is handed to Beam with
 ``engine.beam_options`` as ``PipelineOptions``. Beam's default runner is never
 chosen implicitly (it downloads a runner binary). Workers write shards and
-audits under ``OUTPUT/_work``, so a distributed runner needs the output folder
-on storage every worker sees at the same path.
+audits under ``OUTPUT/_work``, so a distributed runner needs the output on
+storage every worker reaches: an object store (``output.path: s3://...``,
+credentials from each worker's environment) or a shared filesystem at the
+same path. A killed Beam run cannot resume file by file (the pipeline is one
+job whose barriers see every record); it says so and starts over.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import pickle
-import shutil
+import sys
 import threading
 from dataclasses import asdict
 from pathlib import Path
@@ -43,7 +45,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from gristmill.pipeline import observe
+from gristmill.pipeline import observe, storage
 from gristmill.pipeline.engines.local import EngineResult, TaskResult, task_dir
 from gristmill.pipeline.execution import (
     Segment,
@@ -57,10 +59,10 @@ from gristmill.pipeline.readers import FileReport, InputTask
 from gristmill.pipeline.recipe import Recipe, RecipeError
 from gristmill.pipeline.stage import DROPPED_SCHEMA, GlobalStage, Stage
 from gristmill.pipeline.writers import (
+    AtomicFile,
     ShardWriter,
     atomic_write_bytes,
     atomic_write_json,
-    tmp_name,
 )
 
 LOCAL_RUNNERS = ("fn_api", "bundle_based")
@@ -252,9 +254,8 @@ def _build_pipeline(beam, p, recipe: Recipe, tasks: list[InputTask], work: Path)
                 table = pa.concat_tables(tables)
                 # the row order of drops is the batch order, as the local engine writes it
                 path = task_dir(work, seg, index) / "dropped.parquet"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                pq.write_table(table, tmp_name(path), compression="zstd")
-                os.replace(tmp_name(path), path)
+                with AtomicFile(path) as sink:
+                    pq.write_table(table, sink.file, compression="zstd")
                 result["dropped_files"].append(str(path))
             writer = ShardWriter(task_dir(work, self.last, index) / "shards",
                                  self.recipe.output.format, self.recipe.output.shard_size)
@@ -343,7 +344,14 @@ class BeamEngine:
         results_dir = work / "beam"
         done = all((results_dir / f"task-{t.index:05d}.json").exists() for t in tasks)
         if not done:
-            # a partial Beam run is not resumable task by task: start it over
+            # a Beam pipeline is one job: its barriers see every record, so a killed run
+            # cannot resume file by file; say so before starting it over
+            partial = sum((results_dir / f"task-{t.index:05d}.json").exists() for t in tasks)
+            if partial or storage.exists(work / "seg00"):
+                print(f"gristmill: the beam engine cannot resume a killed run; the partial run "
+                      f"in {storage.url(work)} ({partial} of {len(tasks)} files written) is "
+                      f"started over (the local and dask engines resume task by task)",
+                      file=sys.stderr)
             _remove_tree(results_dir)
             for seg in segments:
                 for t in tasks:
@@ -366,7 +374,7 @@ class BeamEngine:
                                        dropped_files=res["dropped_files"]))
         artifacts: dict[str, dict[str, bytes]] = {}
         for seg in segments[:-1]:
-            with open(work / f"seg{seg.index:02d}" / "state.pkl", "rb") as f:
+            with storage.open_read(work / f"seg{seg.index:02d}" / "state.pkl") as f:
                 state = pickle.load(f)
             stage = next(s for s in stages if s.name == seg.exit.name)
             files = stage.artifacts(state)
@@ -377,7 +385,7 @@ class BeamEngine:
 
 
 def _remove_tree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
+    storage.remove_tree(path)
 
 
 class _FilesWrittenBar:
@@ -393,7 +401,7 @@ class _FilesWrittenBar:
         bar = tqdm(total=self.total, desc=self.desc, unit="file", dynamic_ncols=True)
         while True:
             stopping = self._stop.wait(0.5)
-            done = len(list(self.folder.glob("task-*.json"))) if self.folder.exists() else 0
+            done = len(storage.glob_files(self.folder / "task-*.json"))
             bar.update(done - bar.n)
             if stopping:
                 break

@@ -178,7 +178,7 @@ def _run_task(recipe: Recipe, work: Path, segment_index: int, task: InputTask) -
     report = FileReport(path=task.path)
     stats = TaskStats()
     dropped: list[pa.Table] | None = [] if recipe.output.write_dropped else None
-    summary = None
+    summaries: list[Any] = []  # merged once at the end: a tree, not a fold per batch
     key_writers: list[tuple[AtomicFile, pa.ipc.RecordBatchStreamWriter] | None] = []
     shard_writer = None
     spill_writer = None
@@ -210,8 +210,7 @@ def _run_task(recipe: Recipe, work: Path, segment_index: int, task: InputTask) -
             spill_writer.write_table(batch)
         if isinstance(segment.exit, GlobalStage):
             with observe.clock(stats.timings, segment.exit.name, "summarize"):
-                s = segment.exit.summarize(batch)
-                summary = s if summary is None else segment.exit.merge(summary, s)
+                summaries.append(segment.exit.summarize(batch))
             continue
         with observe.clock(stats.timings, segment.exit.name, "keys"):
             for p, part in enumerate(partition_keys(segment.exit.keys(batch), P)):
@@ -230,6 +229,8 @@ def _run_task(recipe: Recipe, work: Path, segment_index: int, task: InputTask) -
             pair[1].close()
             pair[0].commit()
     if isinstance(segment.exit, GlobalStage):
+        with observe.clock(stats.timings, segment.exit.name, "summarize"):
+            summary = merge_all(segment.exit, summaries)
         atomic_write_bytes(out / "summary.pkl", pickle.dumps(summary))
     if shard_writer is not None:
         with observe.clock(stats.timings, "write", "write"):
@@ -260,11 +261,12 @@ def finish_barrier(recipe: Recipe, work: Path, segment: Segment, tasks: list[Inp
         return _load_state(state_path)
     started = observe.start_clock()
     if isinstance(stage, GlobalStage):
-        summaries = []
-        for t in tasks:
+        def load(t: InputTask) -> Any:
             with storage.open_read(task_dir(work, segment.index, t.index) / "summary.pkl") as f:
-                summaries.append(pickle.load(f))
-        state = stage.finalize(merge_all(stage, summaries))
+                return pickle.load(f)
+
+        # loaded one at a time as the tree merge asks for them
+        state = stage.finalize(merge_all(stage, (load(t) for t in tasks)))
     else:
         reduced = []
         for p in range(recipe.engine.shuffle_partitions):
