@@ -82,7 +82,8 @@ def choice_scores(model, tok, questions: Sequence[dict], batch_size: int = 64) -
     from gristmill.scorers.likelihood import score_responses
 
     s = score_responses(model, tok, [q["prompt"] for q in questions],
-                        [q["choices"] for q in questions], add_eos=False, batch_size=batch_size)
+                        [q["choices"] for q in questions], separator="", add_eos=False,
+                        batch_size=batch_size)
     return [lp / np.array([max(len(c), 1) for c in q["choices"]])
             for lp, q in zip(s.logprob, questions, strict=True)]
 

@@ -106,6 +106,8 @@ SOURCES: dict[str, DocSource] = _sources()
 ENGLISH = tuple(n for n, s in SOURCES.items() if s.lang == "en")
 SPLITS = ("train", "dev", "test")
 TRANSLATIONS = "/var/lib/apt/lists/*_Translation-en*"
+# Bumped when the text a build writes changes, so an older build is redone.
+FORMAT = 1
 
 
 class MissingPackagesError(RuntimeError):
@@ -413,7 +415,7 @@ def build_real_corpus(out: str | Path, sources: Sequence[str] | None = None, *,
     names = list(sources or SOURCES)
     check_installed(names)
     out = Path(out)
-    params = {"sources": names, "min_chars": min_chars, "max_chars": max_chars, "dev": dev,
+    params = {"format": FORMAT, "sources": names, "min_chars": min_chars, "max_chars": max_chars, "dev": dev,
               "test": test, "seed": seed, "max_files": max_files, "max_packages": max_packages}
     manifest = out / "manifest.json"
     paths = {"corpus": out / "corpus.parquet"}
