@@ -184,8 +184,7 @@ def test_score_distribution_with_the_top_fraction_threshold(run):
     # normalised: each curve's bar heights are shares; the sample holds the scored rows
     col = run["stats"]["columns"]["text_stats_words"]
     assert col["stage"] == "text_stats"
-    scored = [v for _, v in col["scored"]]
-    kept = [v for _, v in col["kept"]]
+    scored, kept = col["scored"]["v"], col["kept"]["v"]
     assert len(scored) == next(s["kept"] for s in run["manifest"]["counts"]["stages"]
                                if s["stage"] == "text_stats")  # under the reservoir size
     # the output has only records at or above the cut (a mixture repeats some)

@@ -167,7 +167,7 @@ def stage_timings(timings: dict[str, dict[str, list[float]]],
         wall = sum(v[0] for v in phases.values())
         cpu = sum(v[1] for v in phases.values())
         n = rows_in.get(name)
-        out.append({"stage": name, "wall_s": round(wall, 4), "cpu_s": round(cpu, 4),
+        out.append({"stage": name, "wall_s": round(wall, 6), "cpu_s": round(cpu, 6),
                     "records_in": n,
                     "records_per_s": round(n / wall, 1) if n is not None and wall > 0 else None,
                     "phases": {p: [round(v[0], 4), round(v[1], 4)]
@@ -313,21 +313,29 @@ def merge_samples(into: dict[str, Any], other: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------
 # score distributions
 
-def _add_values(slot: list[list], table: pa.Table, column: str, priority: np.ndarray) -> list:
+def _add_values(slot: dict[str, list] | None, table: pa.Table, column: str,
+                priority: np.ndarray) -> dict[str, list]:
+    """Bottom-k of (priority, value) of the non-missing values of ``column``."""
     arr = table.column(column)
     if pa.types.is_boolean(arr.type):
         arr = pc.cast(arr, pa.int8())
     values = pc.cast(arr, pa.float64()).to_numpy(zero_copy_only=False)
-    threshold = slot[-1][0] if len(slot) >= VALUES_PER_COLUMN else None
-    idx = _bottom_k(priority, threshold, VALUES_PER_COLUMN)
-    new = [[int(priority[i]), None if np.isnan(values[i]) else float(values[i])] for i in idx]
-    if not new:
+    ok = np.flatnonzero(np.isfinite(values))
+    slot = slot or {"p": [], "v": []}
+    threshold = slot["p"][-1] if len(slot["p"]) >= VALUES_PER_COLUMN else None
+    idx = ok[_bottom_k(priority[ok], threshold, VALUES_PER_COLUMN)]
+    if idx.size == 0:
         return slot
-    return merge_values(slot, new)
+    return merge_values(slot, {"p": priority[idx], "v": values[idx]})
 
 
-def merge_values(a: list[list], b: list[list]) -> list[list]:
-    return sorted(a + b, key=lambda pv: pv[0])[:VALUES_PER_COLUMN]
+def merge_values(a: dict[str, Any], b: dict[str, Any]) -> dict[str, list]:
+    """Bottom-k of two value samples ``{"p": priorities, "v": values}`` (sorted by p)."""
+    p = np.concatenate([np.asarray(a["p"], dtype=np.uint64), np.asarray(b["p"], dtype=np.uint64)])
+    v = np.concatenate([np.asarray(a["v"], dtype=np.float64),
+                        np.asarray(b["v"], dtype=np.float64)])
+    order = np.argsort(p, kind="stable")[:VALUES_PER_COLUMN]
+    return {"p": p[order].tolist(), "v": v[order].tolist()}
 
 
 def _add_categories(counts: dict[str, Any], table: pa.Table, column: str) -> None:
@@ -368,7 +376,7 @@ def merge_columns(into: dict[str, Any], other: dict[str, Any]) -> None:
             if point not in d:
                 continue
             if d["kind"] == "numeric":
-                mine[point] = merge_values(mine.get(point, []), d[point])
+                mine[point] = merge_values(mine.get(point) or {"p": [], "v": []}, d[point])
             else:
                 merge_categories(mine.setdefault(point, {}), d[point])
 
@@ -395,7 +403,7 @@ def observe_columns(columns: dict[str, Any], table: pa.Table, names: Iterable[st
         if kind == "numeric":
             if priority is None:
                 priority = record_hash(table, seed, SAMPLE_SALT)
-            d[point] = _add_values(d.get(point, []), table, c, priority)
+            d[point] = _add_values(d.get(point), table, c, priority)
         else:
             _add_categories(d.setdefault(point, {}), table, c)
 

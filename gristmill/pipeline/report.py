@@ -220,9 +220,9 @@ def _bins(values: list[np.ndarray], lines: list[float]) -> tuple[np.ndarray, boo
     return np.linspace(lo, hi, HIST_BINS + 1), False
 
 
-def _values(points: list[list] | None) -> np.ndarray:
-    vals = [v for _, v in points or [] if v is not None and math.isfinite(v)]
-    return np.asarray(vals, dtype=np.float64)
+def _values(sample: dict[str, list] | None) -> np.ndarray:
+    """The values of a score sample (``observe``: priorities ``p``, values ``v``)."""
+    return np.asarray((sample or {}).get("v", []), dtype=np.float64)
 
 
 def _distribution(col: str, d: dict[str, Any], lines: list[tuple[float, str]],
