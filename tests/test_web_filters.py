@@ -353,3 +353,13 @@ def test_fineweb_counts_cjk_terminal_punctuation():
     zh = "\n".join(p for p in _debian("zh-cn", 8))
     out = FineWebLines().process(_table([zh]))
     assert out.num_dropped == 0 or out.dropped.column("reason").to_pylist() != ["line_punct_ratio"]
+
+
+def test_language_id_gives_langids_own_answers():
+    st = LanguageId({"max_chars": 100_000})
+    st.setup()
+    texts = list(LANG_SAMPLES.values()) + _debian("it", 10) + _debian("pt", 10)
+    langs, conf = st.classify(texts)
+    want = [st._ident.classify(t) for t in texts]
+    assert langs == [w[0] for w in want]
+    assert conf.tolist() == pytest.approx([w[1] for w in want], rel=1e-12)

@@ -118,6 +118,10 @@ class LanguageId(RowStage):
 
     def setup(self) -> None:
         self._ident = load_identifier(self.params.languages)
+        # langid's nb_classprobs multiplies the dense uint32 feature vector by the
+        # float32 matrix, which numpy upcasts to float64 on every call (~6 ms a
+        # document); the same float64 sum over the non-zero features only is ~0.1 ms
+        self._ptc64 = np.asarray(self._ident.nb_ptc, dtype=np.float64)
 
     def classify(self, texts: list[str]) -> tuple[list[str | None], np.ndarray]:
         """Language and confidence of every text (None and 0.0 without letters)."""
@@ -128,9 +132,13 @@ class LanguageId(RowStage):
             if not any(ch.isalpha() for ch in head):
                 langs.append(None)
                 continue
-            lang, c = self._ident.classify(head)
-            langs.append(lang)
-            conf[i] = c
+            fv = self._ident.instance2fv(head)
+            nz = np.flatnonzero(fv)
+            scores = fv[nz].astype(np.float64) @ self._ptc64[nz] + self._ident.nb_pc
+            probs = self._ident.norm_probs(scores)
+            best = int(np.argmax(probs))
+            langs.append(str(self._ident.nb_classes[best]))
+            conf[i] = float(probs[best])
         return langs, conf
 
     def process(self, batch: pa.Table) -> StageOutput:
