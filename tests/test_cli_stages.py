@@ -74,3 +74,22 @@ def test_every_option_of_every_command_has_help():
                 yield f"{path}: {action.option_strings or action.dest}"
 
     assert list(walk(build_parser(), "gristmill")) == []
+
+
+def test_a_closed_pipe_ends_the_command_quietly():
+    import subprocess
+    import sys
+
+    code = ("from gristmill.cli.main import _quiet_on_broken_pipe\n"
+            "@_quiet_on_broken_pipe\n"
+            "def main():\n"
+            "    for i in range(1_000_000):\n"
+            "        print(f'line {i} ' + 'x' * 60)\n"
+            "raise SystemExit(main())\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    assert proc.stdout.readline().startswith(b"line 0")
+    proc.stdout.close()  # what `| head -1` does
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 1
+    assert err == "", err
