@@ -7,6 +7,7 @@ import functools
 import gzip
 import json
 import re
+from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
@@ -363,3 +364,30 @@ def test_language_id_gives_langids_own_answers():
     want = [st._ident.classify(t) for t in texts]
     assert langs == [w[0] for w in want]
     assert conf.tolist() == pytest.approx([w[1] for w in want], rel=1e-12)
+
+
+def test_language_feeds_mix_as_its_domain(tmp_path):
+    from gristmill.pipeline.recipe import check_recipe, parse_recipe
+    from gristmill.pipeline.runner import run_recipe
+
+    docs = [{"id": f"{lang}{i}", "text": p} for lang in ("en", "de", "fr")
+            for i, p in enumerate(_debian(lang, 30 if lang == "en" else 10))]
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    body = {"sources": [{"path": str(src)}],
+            "stages": [{"stage": "language_id", "languages": ["en", "de", "fr"]},
+                       {"stage": "mix", "domain_column": "language_id_lang", "sampler": "weights",
+                        "weights": {"en": 1, "de": 1, "fr": 1}, "budget_tokens": 4000,
+                        "max_epochs": 1}],
+            "output": {"path": str(tmp_path / "out")}, "engine": {"batch_size": 16}}
+    recipe = parse_recipe(body)
+    check_recipe(recipe)
+    manifest = run_recipe(recipe, progress=False, report=False)
+    import pyarrow.parquet as pq
+
+    kept = pa.concat_tables([pq.read_table(tmp_path / "out" / s["path"])
+                             for s in manifest["shards"]])
+    counts = Counter(kept.column("language_id_lang").to_pylist())
+    # English is 60% of the input; equal weights bring it near a third of the output
+    assert set(counts) == {"en", "de", "fr"}
+    assert counts["en"] < 0.5 * kept.num_rows
