@@ -9,8 +9,9 @@ distributions, :data:`EXTRAS` the modules they provide.
 Nothing here imports an optional module: presence is looked up with
 :func:`importlib.util.find_spec`, so checking a recipe stays fast and reads
 no data. Who needs an extra says so: a stage through ``Stage.required_extras``
-(checked by ``check_recipe``), an engine through :data:`ENGINE_EXTRAS`, a
-command by calling :func:`require` before it starts.
+(checked by ``check_recipe``), an engine through :data:`ENGINE_EXTRAS`, an
+object-store path through :data:`PROTOCOL_EXTRAS`, a command by calling
+:func:`require` before it starts.
 
 Example
 -------
@@ -30,8 +31,8 @@ from collections.abc import Iterable
 EXTRAS: dict[str, tuple[str, ...]] = {
     "dask": ("dask", "distributed"),
     "beam": ("apache_beam",),
-    "s3": ("s3fs",),
-    "gcs": ("gcsfs",),
+    "s3": ("s3fs", "upath"),
+    "gcs": ("gcsfs", "upath"),
     "torch": ("torch", "transformers"),
     "fasttext": ("fasttext", "sklearn"),
     "ot": ("ot", "torch", "sklearn"),
@@ -41,6 +42,9 @@ EXTRAS: dict[str, tuple[str, ...]] = {
 
 #: engine kind -> the extra it needs (the local engine is core)
 ENGINE_EXTRAS: dict[str, str] = {"dask": "dask", "beam": "beam"}
+
+#: URL protocol of a source or output path -> the extra with its fsspec backend
+PROTOCOL_EXTRAS: dict[str, str] = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
 
 
 class MissingExtra(ImportError):

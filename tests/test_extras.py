@@ -89,7 +89,7 @@ def test_every_extra_in_pyproject_provides_the_modules_the_code_checks_for() -> 
     assert set(extras) - {"all", "dev"} == set(EXTRAS)
     (everything,) = extras["all"]
     in_all = set(everything.partition("[")[2].rstrip("]").split(","))
-    assert in_all == set(EXTRAS) - {"s3", "gcs"}  # object stores: no reader takes URLs yet
+    assert in_all == set(EXTRAS) - {"s3", "gcs"}  # object-store backends: the one you use
     provided_by = importlib.metadata.packages_distributions()
     for extra, modules in EXTRAS.items():
         dists: set[str] = set()
@@ -101,7 +101,7 @@ def test_every_extra_in_pyproject_provides_the_modules_the_code_checks_for() -> 
         for module in modules:
             if module not in provided_by:  # not installed here (s3fs, gcsfs)
                 continue
-            assert {d.lower() for d in provided_by[module]} & dists, (extra, module)
+            assert {d.lower().replace("_", "-") for d in provided_by[module]} & dists, (extra, module)
 
 
 def test_core_dependencies_are_none_of_the_heavy_ones() -> None:
@@ -144,7 +144,8 @@ def test_core_modules_and_every_stage_module_import_without_any_extra(tmp_path: 
     assert "leaked []" in result.stdout
 
 
-def _recipe(folder: Path, stages: list[dict], engine: str = "local") -> Path:
+def _recipe(folder: Path, stages: list[dict], engine: str = "local",
+            source: str = "data.jsonl") -> Path:
     data = folder / "data.jsonl"
     data.write_text("".join(json.dumps({"id": f"d{i}", "text": f"document number {i} " * 20})
                             + "\n" for i in range(50)))
@@ -152,26 +153,28 @@ def _recipe(folder: Path, stages: list[dict], engine: str = "local") -> Path:
     model.mkdir(exist_ok=True)
     path = folder / "recipe.yaml"
     path.write_text(yaml.safe_dump({
-        "name": "needs-extra", "sources": [{"path": "data.jsonl"}], "stages": stages,
+        "name": "needs-extra", "sources": [{"path": source}], "stages": stages,
         "output": {"path": "out"}, "engine": {"kind": engine}}))
     return path
 
 
-@pytest.mark.parametrize(("stages", "engine", "blocked", "where", "extra"), [
+@pytest.mark.parametrize(("stages", "engine", "blocked", "where", "extra", "source"), [
     ([{"stage": "lm_likelihood", "model": "model"}], "local", ["torch"],
-     "stages[0] (lm_likelihood)", "torch"),
+     "stages[0] (lm_likelihood)", "torch", "data.jsonl"),
     ([{"stage": "length_filter"}, {"stage": "fasttext", "model": "model"}], "local",
-     ["fasttext"], "stages[1] (fasttext)", "fasttext"),
+     ["fasttext"], "stages[1] (fasttext)", "fasttext", "data.jsonl"),
     ([{"stage": "mix", "sampler": "temperature", "tokenizer": "model",
        "budget_tokens": 1000}], "local",
-     ["transformers"], "stages[0] (mix)", "torch"),
-    ([{"stage": "length_filter"}], "beam", ["apache_beam"], "engine.kind", "beam"),
-    ([{"stage": "length_filter"}], "dask", ["distributed"], "engine.kind", "dask"),
+     ["transformers"], "stages[0] (mix)", "torch", "data.jsonl"),
+    ([{"stage": "length_filter"}], "beam", ["apache_beam"], "engine.kind", "beam", "data.jsonl"),
+    ([{"stage": "length_filter"}], "dask", ["distributed"], "engine.kind", "dask", "data.jsonl"),
+    ([{"stage": "length_filter"}], "local", ["s3fs"], "sources[0].path", "s3",
+     "s3://corpus/part-*.jsonl"),
 ])
 def test_check_names_the_missing_extra_in_one_line(tmp_path: Path, stages: list[dict],
                                                    engine: str, blocked: list[str], where: str,
-                                                   extra: str) -> None:
-    recipe = _recipe(tmp_path, stages, engine)
+                                                   extra: str, source: str) -> None:
+    recipe = _recipe(tmp_path, stages, engine, source)
     for command in ("check", "run"):
         result = cli_without(blocked, [command, str(recipe)], tmp_path)
         assert result.returncode == 2, result.stderr

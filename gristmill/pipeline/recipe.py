@@ -42,7 +42,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from gristmill.extras import ENGINE_EXTRAS, MissingExtra, require
+from gristmill.extras import ENGINE_EXTRAS, PROTOCOL_EXTRAS, MissingExtra, require
 from gristmill.pipeline import storage
 from gristmill.pipeline.registry import stage_class
 from gristmill.pipeline.stage import Stage
@@ -356,6 +356,10 @@ def _check_extras(recipe: Recipe) -> None:
     needs: list[tuple[str, str]] = []
     if recipe.engine.kind in ENGINE_EXTRAS:
         needs.append((ENGINE_EXTRAS[recipe.engine.kind], "engine.kind"))
+    paths = [(f"sources[{i}].path", p) for i, src in enumerate(recipe.sources) for p in src.paths()]
+    for where, path in paths + [("output.path", recipe.output.path)]:
+        if storage.protocol_of(path) in PROTOCOL_EXTRAS:  # s3://, gs://: an fsspec backend
+            needs.append((PROTOCOL_EXTRAS[storage.protocol_of(path)], where))
     for i, stage in enumerate(recipe.build_stages()):
         needs += [(extra, f"stages[{i}] ({stage.name})") for extra in stage.required_extras()]
     if recipe.output.tokenize is not None:
