@@ -5,7 +5,8 @@ readers, stages, spill files, done markers and shard writer), submitted to a
 Dask cluster instead of a process pool. Barriers run on the cluster too: a
 shuffle stage's ``reduce`` runs as one Dask task per key partition (each
 partition holds whole key groups: keys were split by ``key % P`` when they
-were written), and only ``resolve`` / ``finalize`` run on the client.
+were written), a global stage's summaries merge as a tree of Dask tasks, and
+only ``resolve`` / ``finalize`` run on the client.
 
 Cluster: a ``LocalCluster`` of ``engine.workers`` worker processes (one thread
 each) on loopback by default, closed when the run ends; or an existing
@@ -77,6 +78,11 @@ def _forget_earlier_runs() -> None:
     local._SETUP_DONE.clear()
 
 
+def _merge_pair(stage: GlobalStage, a: Any, b: Any) -> Any:
+    """One node of the merge tree (runs on a worker); None is a task that saw no rows."""
+    return merge_all(stage, [a, b])
+
+
 def _load_summary(work: Path, segment: int, task: int) -> Any:
     with storage.open_read(task_dir(work, segment, task) / "summary.pkl") as f:
         return pickle.load(f)
@@ -120,10 +126,16 @@ class DaskEngine:
         if state_path.exists():
             return _load_state(state_path)
         if isinstance(stage, GlobalStage):
-            futs = [client.submit(_load_summary, work, segment_index, t.index, pure=False)
-                    for t in tasks]
             started = observe.start_clock()
-            state = stage.finalize(merge_all(stage, client.gather(futs)))
+            # a tree of pairwise merges on the workers, neighbours in task order: the
+            # client receives one merged summary, never every task's
+            level = [client.submit(_load_summary, work, segment_index, t.index, pure=False)
+                     for t in tasks]
+            while len(level) > 1:
+                nxt = [client.submit(_merge_pair, stage, level[i], level[i + 1], pure=False)
+                       for i in range(0, len(level) - 1, 2)]
+                level = nxt + level[len(nxt) * 2:]
+            state = stage.finalize(level[0].result() if level else None)
             observe.save_barrier_time(work, stage.name, "barrier", started)
         elif isinstance(stage, ShuffleStage):
             indices = [t.index for t in tasks]
