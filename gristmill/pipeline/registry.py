@@ -28,6 +28,8 @@ STAGES: dict[str, str] = {
     "distill": "gristmill.selectors.distill_stage:Distill",
     "exact_dedup": "gristmill.selectors.dedup:ExactDedup",
     "minhash_dedup": "gristmill.selectors.minhash:MinHashDedup",
+    "line_dedup": "gristmill.selectors.unit_dedup:LineDedup",
+    "paragraph_dedup": "gristmill.selectors.unit_dedup:ParagraphDedup",
     "gopher": "gristmill.selectors.filters.gopher_quality:GopherFilter",
     "length_filter": "gristmill.selectors.filters.length:LengthFilter",
     "gopher_repetition": "gristmill.selectors.filters.gopher_repetition:GopherRepetition",
