@@ -223,7 +223,7 @@ def _same(a: dict, b: dict) -> None:
 
 
 def test_dask_workers_import_the_plugin(local_result, web_corpus, tmp_path):
-    _same(_run(web_corpus, tmp_path / "out", kind="dask", workers=2, shuffle_partitions=2),
+    _same(_run(web_corpus, tmp_path / "out", kind="dask", workers=1, shuffle_partitions=2),
           local_result)
 
 

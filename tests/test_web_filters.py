@@ -391,3 +391,22 @@ def test_language_feeds_mix_as_its_domain(tmp_path):
     # English is 60% of the input; equal weights bring it near a third of the output
     assert set(counts) == {"en", "de", "fr"}
     assert counts["en"] < 0.5 * kept.num_rows
+
+
+def test_decontaminate_table_is_the_same_in_small_chunks_and_sets_share_ngrams(tmp_path):
+    paras = _debian("es", 5)
+    a = tmp_path / "a.jsonl"
+    b = tmp_path / "b.jsonl"
+    a.write_text("".join(json.dumps({"text": p}) + "\n" for p in paras[:3]))
+    b.write_text("".join(json.dumps({"text": p}) + "\n" for p in paras[2:5]))
+    sets = [{"name": "a", "path": str(a)}, {"name": "b", "path": str(b)}]
+    big = Decontaminate({"eval_sets": sets, "cache_dir": str(tmp_path / "c1")}).build_table()
+    small = Decontaminate({"eval_sets": sets, "chunk_rows": 1,
+                           "cache_dir": str(tmp_path / "c2")}).build_table()
+    assert big[0].tolist() == small[0].tolist() and big[1].tolist() == small[1].tolist()
+    assert big[2] == [13]
+    st = Decontaminate({"eval_sets": sets, "cache_dir": str(tmp_path / "c1")})
+    st.setup()
+    out = st.process(_table([paras[2], paras[4]]))
+    assert out.dropped.column("reason").to_pylist() == ["contaminated_a", "contaminated_b"]
+    assert out.dropped.column("detail").to_pylist()[0].startswith("sets=a,b ")

@@ -17,7 +17,8 @@ rolling hash over the n words, SplitMix64's finalizer), so a set costs 16
 bytes per distinct n-gram (the hash and a bit mask of the evaluation sets
 that hold it), whatever the text length. The table is built in ``setup``
 streaming the evaluation files in chunks of ``chunk_rows`` records (sorted
-and deduplicated per chunk, then merged), written to
+and deduplicated per chunk, merged into the table whenever the pending
+chunks outgrow it, so building needs about twice the table's size), written to
 ``cache_dir/<fingerprint>/*.npy`` and memory-mapped, so the workers of one
 machine share one copy in the page cache and a rerun skips the build. 100 M
 distinct evaluation n-grams take 1.6 GB on disk. Lookups are a binary search
@@ -247,11 +248,17 @@ class Decontaminate(RowStage):
         return h.hexdigest()[:24]
 
     def build_table(self) -> tuple[np.ndarray, np.ndarray, list[int]]:
-        """Sorted distinct n-gram hashes, a bit mask of their sets, and the short lengths used."""
+        """Sorted distinct n-gram hashes, a bit mask of their sets, and the short lengths used.
+
+        Chunks are merged into the table as they come, whenever the pending
+        hashes outgrow the table, so memory stays within about twice the
+        distinct n-grams (16 bytes each) however many duplicates the sets hold.
+        """
         p = self.params
         hasher = WordHasher()
-        hashes: list[np.ndarray] = []
-        masks: list[np.ndarray] = []
+        table = (np.empty(0, np.uint64), np.empty(0, np.uint64))
+        pending: list[tuple[np.ndarray, np.ndarray]] = []
+        pending_size = 0
         lengths: set[int] = set()
         for bit, (spec, files) in enumerate(zip(p.eval_sets, self._files(), strict=True)):
             for f in files:
@@ -266,16 +273,13 @@ class Decontaminate(RowStage):
                         parts.append(WordHasher.ngrams(hasher.words(words), k))
                     if parts:
                         u = np.unique(np.concatenate(parts))
-                        hashes.append(u)
-                        masks.append(np.full(u.size, np.uint64(1) << np.uint64(bit)))
-        if not hashes:
-            return np.empty(0, np.uint64), np.empty(0, np.uint64), sorted(lengths)
-        allh = np.concatenate(hashes)
-        allm = np.concatenate(masks)
-        order = np.argsort(allh, kind="stable")
-        allh, allm = allh[order], allm[order]
-        starts = np.flatnonzero(np.r_[True, allh[1:] != allh[:-1]])
-        return allh[starts], np.bitwise_or.reduceat(allm, starts), sorted(lengths)
+                        pending.append((u, np.full(u.size, np.uint64(1) << np.uint64(bit))))
+                        pending_size += u.size
+                    if pending_size > max(1 << 20, table[0].size):
+                        table = _merge([table, *pending])
+                        pending, pending_size = [], 0
+        table = _merge([table, *pending])
+        return table[0], table[1], sorted(lengths)
 
     def setup(self) -> None:
         files = self._files()
@@ -343,3 +347,14 @@ class Decontaminate(RowStage):
             batch = batch.append_column(f"{self.name}_ngrams", pa.array(counts, pa.int32()))
         return split_batch(batch, keep, self.name, reasons, details)
 
+
+def _merge(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted distinct hashes of all parts, their set masks OR-ed together."""
+    h = np.concatenate([a for a, _ in parts])
+    m = np.concatenate([b for _, b in parts])
+    if h.size == 0:
+        return h, m
+    order = np.argsort(h, kind="stable")
+    h, m = h[order], m[order]
+    starts = np.flatnonzero(np.r_[True, h[1:] != h[:-1]])
+    return h[starts], np.bitwise_or.reduceat(m, starts)
