@@ -125,6 +125,43 @@ def _load_state(path: Path) -> Any:
     return _STATE_CACHE[key]
 
 
+class DroppedWriter:
+    """Streams a task's dropped rows (``write_dropped``) into ``dropped.parquet``, a row
+    group per ``group_rows`` rows, so memory does not grow with the input file."""
+
+    def __init__(self, path: Path, group_rows: int = 65536) -> None:
+        self.path, self.group_rows = path, group_rows
+        self.pending: list[pa.Table] = []
+        self.rows = 0
+        self._sink: AtomicFile | None = None
+        self._writer: pq.ParquetWriter | None = None
+
+    def add(self, tables: list[pa.Table]) -> None:
+        self.pending += tables
+        self.rows += sum(t.num_rows for t in tables)
+        if self.rows >= self.group_rows:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self.rows:
+            return
+        if self._writer is None:
+            self._sink = AtomicFile(self.path)
+            self._writer = pq.ParquetWriter(self._sink.file, DROPPED_SCHEMA, compression="zstd")
+        self._writer.write_table(pa.concat_tables(self.pending).cast(DROPPED_SCHEMA),
+                                 row_group_size=self.rows)
+        self.pending, self.rows = [], 0
+
+    def close(self) -> bool:
+        """Write what is left; True if the file holds any row."""
+        self._flush()
+        if self._writer is None:
+            return False
+        self._writer.close()
+        self._sink.commit()
+        return True
+
+
 def task_dir(work: Path, segment: int, task: int) -> Path:
     return work / f"seg{segment:02d}" / f"task-{task:05d}"
 
@@ -178,6 +215,7 @@ def _run_task(recipe: Recipe, work: Path, segment_index: int, task: InputTask) -
     report = FileReport(path=task.path)
     stats = TaskStats()
     dropped: list[pa.Table] | None = [] if recipe.output.write_dropped else None
+    dropped_writer = DroppedWriter(out / "dropped.parquet") if dropped is not None else None
     summaries: list[Any] = []  # merged once at the end: a tree, not a fold per batch
     key_writers: list[tuple[AtomicFile, pa.ipc.RecordBatchStreamWriter] | None] = []
     shard_writer = None
@@ -195,6 +233,9 @@ def _run_task(recipe: Recipe, work: Path, segment_index: int, task: InputTask) -
                              recipe.engine.batch_size, id_ledger_path(work, task.index))
     for batch in _input_batches(recipe, work, segment, task, report, stats, inputs):
         batch = run_segment_batch(segment, batch, entry_state, stats, dropped)
+        if dropped:
+            dropped_writer.add(dropped)
+            dropped.clear()
         if batch.num_rows == 0:
             continue
         rows_out += batch.num_rows
@@ -235,10 +276,7 @@ def _run_task(recipe: Recipe, work: Path, segment_index: int, task: InputTask) -
     if shard_writer is not None:
         with observe.clock(stats.timings, "write", "write"):
             result["shards"] = [s.to_dict() for s in shard_writer.close()]
-    if dropped:
-        table = pa.concat_tables(dropped).cast(DROPPED_SCHEMA)
-        with AtomicFile(out / "dropped.parquet") as sink:
-            pq.write_table(table, sink.file, compression="zstd")
+    if dropped_writer is not None and dropped_writer.close():
         result["dropped_file"] = str(out / "dropped.parquet")
     if segment.index == 0:
         if report.rejects:
