@@ -8,6 +8,8 @@ the JIT build from site-packages run as CI's second step (``make wheel-check``).
 from __future__ import annotations
 
 import importlib.util
+import subprocess
+import sys
 import tarfile
 import zipfile
 from pathlib import Path
@@ -62,3 +64,16 @@ def test_build_step_refuses_a_wheel_whose_core_requires_torch(tmp_path: Path, bu
     module = _check_wheel()
     with pytest.raises(module.StepFailed, match=r"requires \['torch'\] unconditionally"):
         module.check_metadata(bad)
+
+
+def test_ninja_from_the_venv_is_found_when_the_venv_is_not_on_path(tmp_path: Path) -> None:
+    """torch's extension builder runs `ninja` from PATH; a venv used without activation has
+    its ninja (the torch extra) off PATH, so the build puts it there."""
+    code = ("import shutil; from gristmill.ext.build import ninja_on_path\n"
+            "assert shutil.which('ninja') is None\n"
+            "ninja_on_path(); print(shutil.which('ninja'))")
+    res = subprocess.run([sys.executable, "-c", code], env={"PATH": str(tmp_path)},
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    found = Path(res.stdout.strip())
+    assert found.name == "ninja" and found.parent == Path(sys.executable).parent

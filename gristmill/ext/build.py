@@ -11,6 +11,8 @@ to the pure-PyTorch implementation.
 from __future__ import annotations
 
 import os
+import shutil
+import sys
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -33,6 +35,29 @@ def cache_dir() -> Path:
     return Path(root)
 
 
+def ninja_on_path() -> None:
+    """Put the ninja wheel's binary on ``PATH`` when it is not there already.
+
+    torch's extension builder runs ``ninja`` from ``PATH``; the ``ninja`` wheel
+    (the ``torch`` extra) installs it into the environment's ``bin`` folder,
+    which is not on ``PATH`` when a venv's ``gristmill`` is run without
+    activating the venv.
+    """
+    if shutil.which("ninja"):
+        return
+    folders = [Path(sys.executable).parent]
+    try:
+        import ninja
+
+        folders.insert(0, Path(ninja.BIN_DIR))
+    except (ImportError, AttributeError):
+        pass
+    for folder in folders:
+        if (folder / "ninja").is_file():
+            os.environ["PATH"] = f"{folder}{os.pathsep}{os.environ.get('PATH', '')}"
+            return
+
+
 def _cpu_arch_flags() -> list[str]:
     """AVX2/FMA flags when this CPU has them: the tile reductions are written to vectorize."""
     try:
@@ -45,6 +70,7 @@ def _cpu_arch_flags() -> list[str]:
 def _build(device_type: str) -> ModuleType:
     from torch.utils import cpp_extension
 
+    ninja_on_path()
     if device_type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("torch.cuda.is_available() is False")
     # The torch version is in the path because an extension is ABI-bound to it.

@@ -30,8 +30,9 @@ def _build() -> ModuleType:
     import torch
     from torch.utils import cpp_extension
 
-    from gristmill.ext.build import cache_dir
+    from gristmill.ext.build import cache_dir, ninja_on_path
 
+    ninja_on_path()
     # the torch version is in the path because an extension is ABI-bound to it
     build_dir = cache_dir() / torch.__version__.replace("+", "_") / NAME
     build_dir.mkdir(parents=True, exist_ok=True)
