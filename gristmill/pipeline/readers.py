@@ -93,8 +93,6 @@ COMPRESSED_CHUNK = 64 << 10  # compressed bytes fed to a decompressor at a time
 MAX_RAW_CHARS = 100_000  # a reject keeps at most this much of the raw line
 BOM = b"\xef\xbb\xbf"
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
-_FIRST_BLANK = re.compile(rb"[ \t\r]*(?:\n|$)")
-_MID_BLANK = re.compile(rb"\n[ \t\r]*\n")
 
 
 def pretrain_schema(extra: list[str] | None = None) -> pa.Schema:
@@ -516,15 +514,25 @@ def _read_blocks(stream: io.IOBase, report: FileReport) -> Iterator[tuple[bytes,
 
 
 def _record_lines(block: bytes) -> tuple[int, np.ndarray]:
-    """(number of lines, 0-based indexes of the lines that are not blank)."""
-    n_lines = block.count(b"\n") + (0 if block.endswith(b"\n") else 1)
-    tail = block[block.rfind(b"\n") + 1:]
-    blank_tail = bool(tail) and not tail.strip(b" \t\r")
-    if not (_FIRST_BLANK.match(block) or _MID_BLANK.search(block) or blank_tail):
+    """(number of lines, 0-based indexes of the lines that are not blank).
+
+    One vectorized pass finds the line starts; only lines that start with
+    whitespace are looked at one by one."""
+    buf = np.frombuffer(block, np.uint8)
+    ends = np.flatnonzero(buf == 10)
+    n_lines = len(ends) + (0 if block.endswith(b"\n") else 1)
+    if n_lines == 0:
+        return 0, np.arange(0)
+    starts = np.empty(n_lines, np.int64)
+    starts[0] = 0
+    starts[1:] = ends[: n_lines - 1] + 1
+    first = buf[starts]
+    maybe_blank = np.flatnonzero((first == 32) | (first == 9) | (first == 13) | (first == 10))
+    if not len(maybe_blank):
         return n_lines, np.arange(n_lines)
-    lines = block.split(b"\n")[:n_lines]
-    return n_lines, np.asarray([i for i, s in enumerate(lines) if s.strip(b" \t\r")],
-                               dtype=np.int64)
+    blank = [i for i in maybe_blank
+             if not block[starts[i]: ends[i] if i < len(ends) else len(block)].strip(b" \t\r")]
+    return n_lines, np.delete(np.arange(n_lines), blank)
 
 
 class _JsonlBlockReader:
