@@ -38,6 +38,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "ot": ("ot", "torch", "sklearn"),
     "distill": ("torch", "sklearn", "matplotlib"),
     "corpus": ("lxml",),
+    "substring": ("pydivsufsort",),
 }
 
 #: engine kind -> the extra it needs (the local engine is core)

@@ -144,7 +144,8 @@ def test_parameters_are_validated_naming_the_field():
 
 def _engine_run(corpus: Path, out: Path, **engine) -> tuple[str, dict, list]:
     body = {"name": "unit-dedup", "seed": 2, "sources": [{"path": str(corpus)}],
-            "stages": [{"stage": "paragraph_dedup", "expected_units": 2000,
+            "stages": [{"stage": "substring_dedup", "min_tokens": 12},
+                       {"stage": "paragraph_dedup", "expected_units": 2000,
                         "min_remaining_fraction": 0.3},
                        {"stage": "line_dedup", "expected_units": 5000}],
             "output": {"path": str(out), "shard_size": "16KB", "write_dropped": True},
@@ -172,8 +173,69 @@ def test_local_dask_and_beam_keep_the_same_text(tmp_path):
         write_jsonl(tmp_path / "corpus" / f"part-{f}.jsonl", recs)
     local = _engine_run(tmp_path / "corpus", tmp_path / "local", kind="local", workers=1)
     by = {s["stage"]: s for s in local[1]}
-    assert local[2][2] and by["paragraph_dedup"]["in"] == 60
-    assert by["paragraph_dedup"]["dropped"] + by["paragraph_dedup"]["kept"] == 60
+    assert local[2][2] and by["substring_dedup"]["in"] == 60
+    assert by["substring_dedup"]["dropped"] + by["substring_dedup"]["kept"] == 60
     dask = _engine_run(tmp_path / "corpus", tmp_path / "dask", kind="dask", workers=2)
     beam = _engine_run(tmp_path / "corpus", tmp_path / "beam", kind="beam", workers=1)
     assert local == dask == beam
+
+
+def _brute_force_substrings(texts: list[str], k: int, keep: str) -> list[list[str]]:
+    """Every k-gram of words inside one record, counted by brute force; the windows of
+    repeated ones removed (all occurrences, or all but the first)."""
+    words = [t.split() for t in texts]
+    occ: dict[tuple, list[tuple[int, int]]] = {}
+    for r, w in enumerate(words):
+        for p in range(len(w) - k + 1):
+            occ.setdefault(tuple(w[p:p + k]), []).append((r, p))
+    gone = [np.zeros(len(w), bool) for w in words]
+    for places in occ.values():
+        if len(places) < 2:
+            continue
+        for r, p in (places[1:] if keep == "first" else places):
+            gone[r][p:p + k] = True
+    return [[x for x, g in zip(w, m, strict=True) if not g] for w, m in zip(words, gone,
+                                                                           strict=True)]
+
+
+@pytest.mark.parametrize("keep", ["first", "none"])
+@pytest.mark.parametrize("seed", range(3))
+def test_substring_dedup_equals_a_brute_force_search(keep, seed):
+    from gristmill.selectors.substring_dedup import SubstringDedup
+
+    rng = random.Random(seed)
+    vocab = [f"v{i}" for i in range(12)]  # a small vocabulary: many chance repeats
+    passages = [" ".join(rng.choice(vocab) for _ in range(rng.randint(6, 12)))
+                for _ in range(4)]
+    texts = []
+    for _ in range(40):
+        parts = [" ".join(rng.choice(vocab) for _ in range(rng.randint(0, 8)))
+                 for _ in range(3)]
+        if rng.random() < 0.6:
+            parts.insert(rng.randrange(4), rng.choice(passages))
+        texts.append("  ".join(p for p in parts if p) or "v0")
+    (batch,) = keyed(pa.table({"id": [f"r{i:03d}" for i in range(40)], "text": texts}))
+    k = 5
+    st = SubstringDedup({"min_tokens": k, "keep": keep, "min_remaining_chars": 0})
+    splits = [batch.slice(0, 13), batch.slice(13, 20), batch.slice(33)]
+    state = st.finalize(st.merge(st.summarize(splits[2]),
+                                 st.merge(st.summarize(splits[0]), st.summarize(splits[1]))))
+    got = [t.split() for s in splits for t in st.apply(s, state).kept.column("text").to_pylist()]
+    assert got == _brute_force_substrings(texts, k, keep)
+    assert sum(len(g) for g in got) < sum(len(t.split()) for t in texts)
+
+
+def test_substring_dedup_drops_a_record_left_too_short():
+    from gristmill.selectors.substring_dedup import SubstringDedup
+
+    shared = " ".join(f"w{i}" for i in range(60))
+    (batch,) = keyed(pa.table({"id": ["a", "b"], "text": [shared + " tail words", shared]}))
+    st = SubstringDedup({"min_tokens": 50, "keep": "none", "min_remaining_fraction": 0.5})
+    out = st.apply(batch, st.finalize(st.summarize(batch)))
+    assert out.dropped.column("id").to_pylist() == ["a", "b"]
+    assert out.dropped.column("detail").to_pylist() == [
+        "removed_tokens=60 remaining_chars=10", "removed_tokens=60 remaining_chars=0"]
+    first = SubstringDedup({"min_tokens": 50, "min_remaining_fraction": 0.5})
+    out = first.apply(batch, first.finalize(first.summarize(batch)))
+    assert out.kept.column("text").to_pylist() == [shared + " tail words"]
+    assert out.dropped.column("reason").to_pylist() == ["duplicate_substrings"]

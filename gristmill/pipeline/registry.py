@@ -30,6 +30,7 @@ STAGES: dict[str, str] = {
     "minhash_dedup": "gristmill.selectors.minhash:MinHashDedup",
     "line_dedup": "gristmill.selectors.unit_dedup:LineDedup",
     "paragraph_dedup": "gristmill.selectors.unit_dedup:ParagraphDedup",
+    "substring_dedup": "gristmill.selectors.substring_dedup:SubstringDedup",
     "gopher": "gristmill.selectors.filters.gopher_quality:GopherFilter",
     "length_filter": "gristmill.selectors.filters.length:LengthFilter",
     "gopher_repetition": "gristmill.selectors.filters.gopher_repetition:GopherRepetition",
