@@ -327,6 +327,17 @@ def test_parquet_invalid_utf8_rows_are_rejected_per_row(tmp_path):
     assert _reasons(report) == {1: "invalid UTF-8 in column 'text'"}
 
 
+def test_parquet_invalid_utf8_inside_a_nested_column_rejects_only_that_row(tmp_path):
+    path = tmp_path / "nested-bad.parquet"
+    items = pa.array([b"a", b"\xff", b"c", b"d"], pa.binary()).view(pa.string())
+    tags = pa.ListArray.from_arrays(pa.array([0, 1, 2, 4], pa.int32()), items)
+    pq.write_table(pa.table({"text": ["one", "two", "three"], "tags": tags}), path)
+    table, report = _read(path, fmt="parquet", columns=["tags"])
+    assert table.column("text").to_pylist() == ["one", "three"]
+    assert table.column("tags").to_pylist() == [["a"], ["c", "d"]]
+    assert _reasons(report) == {1: "invalid UTF-8 in column 'tags'"}
+
+
 # ---- end to end: shards pass full validation ----------------------------------------------
 
 HOSTILE_LINES = [

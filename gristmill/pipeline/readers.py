@@ -202,7 +202,7 @@ def _invalid_rows(col: pa.ChunkedArray | pa.Array) -> list[int]:
     bad = []
     for i in range(len(arr)):
         try:
-            arr.slice(i, 1).validate(full=True)
+            arr.take(pa.array([i])).validate(full=True)
         except pa.ArrowInvalid:
             bad.append(i)
     return bad
