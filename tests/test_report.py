@@ -104,6 +104,7 @@ def run(tmp_path_factory) -> dict:
                 {"stage": "exact_dedup"},
                 {"stage": "text_stats"},
                 {"stage": "gopher", "min_words": 15},
+                {"stage": "filter", "expr": "text_stats_alpha_fraction >= 0.75"},
                 {"stage": "top_fraction", "column": "text_stats_words", "fraction": 0.7},
                 {"stage": "mix", "sampler": "cooldown", "budget_tokens": 20_000,
                  "tokens_per_step": 1_000, "t_start": 5.0, "t_end": 1.0}],
@@ -189,6 +190,13 @@ def test_score_distribution_with_the_top_fraction_threshold(run):
                                if s["stage"] == "text_stats")  # under the reservoir size
     # the output has only records at or above the cut (a mixture repeats some)
     assert min(kept) >= thr["threshold"]
+
+
+def test_filter_expression_threshold_is_drawn_on_its_column(run):
+    fig = run["tree"].find_all("figure", data_column="text_stats_alpha_fraction")[0]
+    lines = fig.find_all("g", class_="threshold")
+    assert [float(g.attrs["data-value"]) for g in lines] == [0.75]
+    assert "filter: >= 0.75" in lines[0].text()
 
 
 def test_mixture_section_has_tokens_weights_and_cooldown_schedule(run):
