@@ -164,7 +164,7 @@ def compare_langid(peers: bool, work: Path) -> None:
         cpu = time.process_time() - t0
         acc = sum(g == p for g, p in zip(gold, got, strict=True)) / len(gold)
         print(f"  {label:<26} accuracy {acc:.4f}  {len(texts) / cpu:8.0f} docs/CPU-s  "
-              f"(load {load:.1f} s)")
+              f"(setup {load:.1f} s; langid's model is decoded once per process)")
     if peers:
         res = run_peers([{"id": str(i), "text": t} for i, t in enumerate(texts)], ["lingua"], work)
         lin = res["lingua"]
@@ -216,8 +216,10 @@ def main() -> None:
             a, b = ours[name]["decisions"], peers[name]["decisions"]
             same_reason = sum(x == y for x, y in zip(a, b, strict=True)) / len(a)
             diff = Counter((x, y) for x, y in zip(a, b, strict=True) if (x == "keep") != (y == "keep"))
+            langs = Counter(d["lang"] for d, x, y in zip(docs, a, b, strict=True)
+                            if (x == "keep") != (y == "keep"))
             print(f"  {name}: same reason {same_reason:.3f}; disagreements (ours, DataTrove): "
-                  f"{dict(diff.most_common(4))}")
+                  f"{dict(diff.most_common(4))}; by language {dict(langs.most_common())}")
         if "c4_lines" in peers:
             both = [(x, y) for x, y in zip(ours["c4_lines"]["texts"], peers["c4_lines"]["texts"],
                                            strict=True)
