@@ -323,10 +323,12 @@ def test_pii_redacted_values_never_reach_samples_or_report(tmp_path):
     recs = [{"id": f"r{i}", "text": f"write to {emails[i]} " + make_text(rng, rng.choice([3, 40]))}
             for i in range(30)]
     write_jsonl(tmp_path / "in" / "a.jsonl", recs)
-    # length_filter drops records *before* pii runs: their samples must be redacted too
+    # length_filter drops records *before* pii runs, on the other side of a barrier: their
+    # samples must be redacted too
     recipe = write_recipe(tmp_path / "r.yaml", name="pii", seed=0,
                           sources=[{"path": str(tmp_path / "in")}],
                           stages=[{"stage": "length_filter", "min_chars": 120},
+                                  {"stage": "exact_dedup"},  # pii runs in a later segment
                                   {"stage": "pii", "max_redactions": 5},
                                   {"stage": "text_stats"}],
                           output={"path": str(tmp_path / "out"), "write_dropped": True})
