@@ -174,14 +174,14 @@ STAGES = [
 ]
 
 
-def _run(corpus: Path, out: Path, **engine) -> dict:
+def _run(corpus: Path, out: Path, report: bool = False, **engine) -> dict:
     body = {"name": "web", "seed": 1,
             "sources": [{"path": str(corpus / "part-*.jsonl"), "columns": ["url"]}],
             "stages": STAGES,
             "output": {"path": str(out), "shard_size": "16KB", "write_dropped": True},
             "engine": {"batch_size": 7, **engine}}
     recipe = parse_recipe(body, base_dir=corpus)
-    manifest = run_recipe(recipe, progress=False, report=False)
+    manifest = run_recipe(recipe, progress=False, report=report)
     kept = pa.concat_tables([pq.read_table(out / s["path"]) for s in manifest["shards"]])
     rows = sorted(json.dumps(r, sort_keys=True, default=str) for r in kept.to_pylist())
     dropped = pa.concat_tables([pq.read_table(out / f) for f in manifest["dropped"]])
@@ -194,7 +194,8 @@ def _run(corpus: Path, out: Path, **engine) -> dict:
 
 @pytest.fixture(scope="module")
 def local_result(plugin_path, web_corpus, tmp_path_factory) -> dict:
-    return _run(web_corpus, tmp_path_factory.mktemp("local") / "out", kind="local", workers=1)
+    return _run(web_corpus, tmp_path_factory.mktemp("local") / "out", report=True, kind="local",
+                workers=1)
 
 
 def test_web_recipe_with_plugins_on_the_local_engine(local_result):
@@ -210,7 +211,8 @@ def test_web_recipe_with_plugins_on_the_local_engine(local_result):
     assert r["kept"], "something survives"
     joined = "\n".join(r["text"])
     assert "ada.lovelace@" not in joined and "7946" not in joined
-    # nothing under the output folder holds an original PII value
+    # nothing under the output folder (shards, dropped/, manifest, report) holds an original
+    assert (Path(r["out"]) / "report.html").is_file()
     for f in Path(r["out"]).rglob("*"):
         if f.is_file():
             data = f.read_bytes()
