@@ -68,6 +68,35 @@ def run_pii(docs: list[dict]) -> dict:
     return {"cpu_s": time.process_time() - t0, "docs": len(objs), "texts": texts}
 
 
+def gopher_measures(docs: list[dict]) -> dict:
+    """DataTrove's Gopher repetition measures of every document (the golden values of
+    ``tests/test_web_filters.py::test_gopher_repetition_measures_match_datatrove``)."""
+    import re
+
+    from datatrove.pipeline.filters.gopher_repetition_filter import (
+        find_all_duplicate,
+        find_duplicates,
+        find_top_duplicate,
+        get_n_grams,
+    )
+    from datatrove.utils.text import split_into_words
+
+    out = {}
+    for d in docs:
+        t = d["text"]
+        words = split_into_words(t, "en")
+        row = {"words": len(words)}
+        for n in (2, 3, 4):
+            grams = get_n_grams(words, n)
+            row[f"top{n}"] = find_top_duplicate(grams) if grams else 0
+        for n in range(5, 11):
+            row[f"dup{n}"] = find_all_duplicate(words, n)
+        row["para"] = list(find_duplicates(re.split(r"\n{2,}", t.strip())))
+        row["line"] = list(find_duplicates(re.split("\n+", t)))
+        out[d["id"]] = row
+    return out
+
+
 def run_lingua(docs: list[dict]) -> dict:
     from lingua import LanguageDetectorBuilder
 
@@ -93,6 +122,8 @@ def main() -> None:
     for name in args.stages:
         if name == "pii":
             out[name] = run_pii(docs)
+        elif name == "gopher_measures":
+            out[name] = gopher_measures(docs)
         elif name == "lingua":
             out[name] = run_lingua(docs)
         else:

@@ -27,7 +27,7 @@ from gristmill.selectors.filters.gopher_repetition import (
     top_ngram_chars,
 )
 from gristmill.selectors.filters.language_id import LanguageId
-from gristmill.selectors.filters.text_units import split_words
+from gristmill.selectors.filters.text_units import find_duplicates, split_words
 from gristmill.selectors.filters.url import UrlFilter
 
 DEBIAN = Path("/usr/share/debian-reference")
@@ -410,3 +410,39 @@ def test_decontaminate_table_is_the_same_in_small_chunks_and_sets_share_ngrams(t
     out = st.process(_table([paras[2], paras[4]]))
     assert out.dropped.column("reason").to_pylist() == ["contaminated_a", "contaminated_b"]
     assert out.dropped.column("detail").to_pylist()[0].startswith("sets=a,b ")
+
+
+# Texts whose words carry no punctuation (where spaCy and whitespace agree) and the
+# Gopher repetition measures DataTrove 0.10.1 gives them, printed by
+# `benchmarks/peer_stages.py DOCS OUT --stages gopher_measures` in the peers venv.
+DATATROVE_CASES = {
+    'top2': 'wind mill wind mill wind mill wind mill wind mill wind mill wind mill wind mill wind mill wind mill wind mill wind mill wind mill wind mill wind mill wind mill wind mill wind mill wind mill wind mill wind mill wind mill wind mill wind mill wind mill wind mill wind mill wind mill wind mill wind mill river river river river river',
+    'top3': 'the wind blows the wind blows the wind blows the wind blows the wind blows the wind blows the wind blows the wind blows the wind blows the wind blows the wind blows the wind blows w0 w1 w2 w3 w4 w5 w6 w7 w8 w9 w10 w11 w12 w13 w14 w15 w16 w17 w18 w19 w20 w21 w22 w23 w24 w25 w26 w27 w28 w29 w30 w31 w32 w33 w34 w35 w36 w37 w38 w39',
+    'dup5': 'one two three four five one two three four five one two three four five one two three four five x0 x1 x2 x3 x4 x5 x6 x7 x8 x9 x10 x11 x12 x13 x14 x15 x16 x17 x18 x19 x20 x21 x22 x23 x24 x25 x26 x27 x28 x29 x30 x31 x32 x33 x34 x35 x36 x37 x38 x39 x40 x41 x42 x43 x44 x45 x46 x47 x48 x49 x50 x51 x52 x53 x54 x55 x56 x57 x58 x59',
+    'dup10': 'a0 a1 a2 a3 a4 a5 a6 a7 a8 a9 a0 a1 a2 a3 a4 a5 a6 a7 a8 a9 y0 y1 y2 y3 y4 y5 y6 y7 y8 y9 y10 y11 y12 y13 y14 y15 y16 y17 y18 y19 y20 y21 y22 y23 y24 y25 y26 y27 y28 y29 y30 y31 y32 y33 y34 y35 y36 y37 y38 y39 y40 y41 y42 y43 y44 y45 y46 y47 y48 y49 y50 y51 y52 y53 y54 y55 y56 y57 y58 y59 y60 y61 y62 y63 y64 y65 y66 y67 y68 y69 y70 y71 y72 y73 y74 y75 y76 y77 y78 y79 y80 y81 y82 y83 y84 y85 y86 y87 y88 y89 y90 y91 y92 y93 y94 y95 y96 y97 y98 y99 y100 y101 y102 y103 y104 y105 y106 y107 y108 y109 y110 y111 y112 y113 y114 y115 y116 y117 y118 y119',
+    'clean': 'word0 word1 word2 word3 word4 word5 word6 word7 word8 word9 word10 word11 word12 word13 word14 word15 word16 word17 word18 word19 word20 word21 word22 word23 word24 word25 word26 word27 word28 word29 word30 word31 word32 word33 word34 word35 word36 word37 word38 word39 word40 word41 word42 word43 word44 word45 word46 word47 word48 word49 word50 word51 word52 word53 word54 word55 word56 word57 word58 word59 word60 word61 word62 word63 word64 word65 word66 word67 word68 word69 word70 word71 word72 word73 word74 word75 word76 word77 word78 word79 word80 word81 word82 word83 word84 word85 word86 word87 word88 word89 word90 word91 word92 word93 word94 word95 word96 word97 word98 word99 word100 word101 word102 word103 word104 word105 word106 word107 word108 word109 word110 word111 word112 word113 word114 word115 word116 word117 word118 word119 word120 word121 word122 word123 word124 word125 word126 word127 word128 word129 word130 word131 word132 word133 word134 word135 word136 word137 word138 word139 word140 word141 word142 word143 word144 word145 word146 word147 word148 word149 word150 word151 word152 word153 word154 word155 word156 word157 word158 word159 word160 word161 word162 word163 word164 word165 word166 word167 word168 word169 word170 word171 word172 word173 word174 word175 word176 word177 word178 word179 word180 word181 word182 word183 word184 word185 word186 word187 word188 word189 word190 word191 word192 word193 word194 word195 word196 word197 word198 word199',
+    'list': 'longlongword0 x\nlonglongword1 x\nlonglongword2 x\nlonglongword3 x\nlonglongword4 x\nlonglongword5 x\nlonglongword6 x\nlonglongword7 x\nlonglongword8 x\nlonglongword9 x\nlonglongword10 x\nlonglongword11 x\nlonglongword12 x\nlonglongword13 x\nlonglongword14 x\nlonglongword15 x\nlonglongword16 x\nlonglongword17 x\nlonglongword18 x\nlonglongword19 x',
+    'para_dup': 'the mill turns\n\nthe mill turns\n\nthe wheel is wet and the river runs fast',
+    'line_dup_chars': 'a b c\nd e f\ngrain flows into the old stone mill\ngrain flows into the old stone mill\ngrain flows into the old stone mill\ng h i\nj k l\nm n o\np q r\ns t u\nv w x',
+}
+DATATROVE_MEASURES = {
+    'top2': {'words': 65, 'top2': 270, 'top3': 406, 'top4': 551, 'dup5': 220, 'dup6': 216, 'dup7': 224, 'dup8': 224, 'dup9': 216, 'dup10': 200, 'para': [0, 0], 'line': [0, 0]},
+    'top3': {'words': 76, 'top2': 96, 'top3': 168, 'top4': 198, 'dup5': 120, 'dup6': 120, 'dup7': 111, 'dup8': 127, 'dup9': 108, 'dup10': 120, 'para': [0, 0], 'line': [0, 0]},
+    'dup5': {'words': 80, 'top2': 28, 'top3': 52, 'top4': 72, 'dup5': 57, 'dup6': 44, 'dup7': 53, 'dup8': 30, 'dup9': 34, 'dup10': 38, 'para': [0, 0], 'line': [0, 0]},
+    'dup10': {'words': 140, 'top2': 10, 'top3': 16, 'top4': 22, 'dup5': 20, 'dup6': 12, 'dup7': 14, 'dup8': 16, 'dup9': 18, 'dup10': 20, 'para': [0, 0], 'line': [0, 0]},
+    'clean': {'words': 200, 'top2': 11, 'top3': 17, 'top4': 23, 'dup5': 0, 'dup6': 0, 'dup7': 0, 'dup8': 0, 'dup9': 0, 'dup10': 0, 'para': [0, 0], 'line': [0, 0]},
+    'list': {'words': 40, 'top2': 15, 'top3': 29, 'top4': 31, 'dup5': 0, 'dup6': 0, 'dup7': 0, 'dup8': 0, 'dup9': 0, 'dup10': 0, 'para': [0, 0], 'line': [0, 0]},
+    'para_dup': {'words': 15, 'top2': 16, 'top3': 28, 'top4': 36, 'dup5': 0, 'dup6': 0, 'dup7': 0, 'dup8': 0, 'dup9': 0, 'dup10': 0, 'para': [1, 14], 'line': [1, 14]},
+    'line_dup_chars': {'words': 45, 'top2': 33, 'top3': 48, 'top4': 60, 'dup5': 43, 'dup6': 49, 'dup7': 58, 'dup8': 34, 'dup9': 39, 'dup10': 43, 'para': [0, 0], 'line': [2, 70]},
+}
+
+
+@pytest.mark.parametrize("case", list(DATATROVE_CASES))
+def test_gopher_repetition_measures_match_datatrove(case):
+    text = DATATROVE_CASES[case]
+    words = split_words(text)
+    got = {"words": len(words), **{f"top{n}": top_ngram_chars(words, n) for n in (2, 3, 4)},
+           **{f"dup{n}": duplicate_ngram_chars(words, n) for n in range(5, 11)},
+           "para": list(find_duplicates(re.split(r"\n{2,}", text.strip()))),
+           "line": list(find_duplicates(re.split("\n+", text)))}
+    assert got == DATATROVE_MEASURES[case]
