@@ -98,6 +98,8 @@ def stage_class(type_name: str) -> type[Stage]:
             raise ValueError(f"stage {type_name!r}: write a plugin stage as module:Class, "
                              f"e.g. mypkg.stages:MyStage")
         return _load(type_name, type_name)
+    if type_name in STAGES:  # built-in: no need to scan the installed packages
+        return _load(STAGES[type_name], type_name)
     known = all_stages()
     if type_name not in known:
         close = difflib.get_close_matches(type_name, known, n=3, cutoff=0.6)
