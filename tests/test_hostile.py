@@ -235,9 +235,16 @@ def arrow_tables(draw) -> tuple[pa.Table, set[int]]:
         broken = {i for i in broken if text[i] is not None}
     else:
         col = pa.array(text, t_type)
+    meta_col = pa.array(meta, m_type)
+    if pa.types.is_string(m_type) and n and draw(st.booleans()):
+        bad_meta = {i for i in draw(st.sets(st.integers(0, n - 1), max_size=2))
+                    if meta[i] is not None}
+        meta_col = pa.array([None if v is None else v.encode() + (b"\xc3" if i in bad_meta else b"")
+                             for i, v in enumerate(meta)], pa.binary()).view(pa.string())
+        broken |= bad_meta
     ids = pa.array(draw(st.lists(st.none() | st.text(max_size=5), min_size=n, max_size=n)),
                    pa.string())
-    return pa.table({"id": ids, "text": col, "meta": pa.array(meta, m_type)}), broken
+    return pa.table({"id": ids, "text": col, "meta": meta_col}), broken
 
 
 @PROFILE
@@ -265,7 +272,8 @@ def test_arbitrary_arrow_tables_are_kept_unchanged_or_rejected_never_cast(data, 
             return
         assert table.column("text").to_pylist() == [texts[i].decode() for i in want]
         assert table.schema.field("meta").type == as_read.field("meta").type
-        assert table.column("meta").to_pylist() == [src.column("meta")[i].as_py() for i in want]
+        assert table.column("meta").to_pylist() == [src.column("meta").take([i])[0].as_py()
+                                                    for i in want]
         out = Path(tmp) / "shard.parquet"
         pq.write_table(table, out)
         pq.read_table(out).validate(full=True)

@@ -71,7 +71,6 @@ from __future__ import annotations
 import io
 import json
 import re
-import zlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -82,14 +81,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
-import zstandard
 
+from gristmill.pipeline.decompress import StreamFault, open_binary
 from gristmill.pipeline.recipe import SourceSpec
 from gristmill.pipeline.stage import KEY_POS_BITS, ROW_KEY, make_keys
 
 BLOCK_BYTES = 8 << 20
 READ_CHUNK = 256 << 10  # decompressed bytes asked of a stream per read
-COMPRESSED_CHUNK = 64 << 10  # compressed bytes fed to a decompressor at a time
 MAX_RAW_CHARS = 100_000  # a reject keeps at most this much of the raw line
 BOM = b"\xef\xbb\xbf"
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
@@ -378,101 +376,6 @@ class _Normalizer:
         return True
 
 
-class _StreamFault(Exception):
-    """A compressed stream ended early (``truncated``) or holds bad data (``corrupt``)."""
-
-    def __init__(self, status: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-class _DecompressedStream(io.RawIOBase):
-    """gzip (multi-member) or zstd (multi-frame) decompression that loses nothing.
-
-    ``gzip.GzipFile`` and ``ZstdDecompressor().stream_reader`` either drop the
-    output of the read in which a fault happens or end quietly inside a frame.
-    Here the decompressor is fed small compressed chunks; output decoded
-    before a fault is returned first and the fault (``_StreamFault``) is raised
-    by the next ``read``. A gzip chunk that fails is replayed byte by byte
-    from a copy of the decompressor, so everything zlib can decode before the
-    bad byte comes out.
-    """
-
-    def __init__(self, path: str, kind: str) -> None:
-        self._f = open(path, "rb")
-        self._kind = kind
-        self._dec = self._new()
-        self._in_member = False
-        self._fault: _StreamFault | None = None
-
-    def _new(self) -> Any:
-        if self._kind == "gz":
-            return zlib.decompressobj(wbits=31)
-        return zstandard.ZstdDecompressor().decompressobj()
-
-    def _feed(self, data: bytes, out: bytearray) -> None:
-        while data:
-            self._in_member = True
-            out += self._dec.decompress(data)
-            if self._dec.eof:
-                self._in_member = False
-                data = self._dec.unused_data
-                self._dec = self._new()
-            else:
-                data = b""
-
-    def _feed_exact(self, chunk: bytes, out: bytearray) -> None:
-        """Feed ``chunk``; on corrupt data keep what was decoded before the bad byte."""
-        saved = self._dec.copy() if self._kind == "gz" else None
-        try:
-            self._feed(chunk, out)
-            return
-        except (zlib.error, zstandard.ZstdError) as e:
-            error = e
-        if saved is not None:
-            self._dec = saved
-            try:
-                for i in range(len(chunk)):
-                    self._feed(chunk[i:i + 1], out)
-            except zlib.error as e:
-                error = e
-        name = "gzip" if self._kind == "gz" else "zstd"
-        raise _StreamFault("corrupt", f"corrupt {name} data: {type(error).__name__}: {error}")
-
-    def read(self, n: int = -1) -> bytes:
-        if self._fault is not None:
-            raise self._fault
-        out = bytearray()
-        while len(out) < max(n, 1):
-            chunk = self._f.read(COMPRESSED_CHUNK)
-            if not chunk:
-                if self._in_member:
-                    name = "gzip member" if self._kind == "gz" else "zstd frame"
-                    self._fault = _StreamFault(
-                        "truncated", f"EOFError: file ends inside a {name} (truncated file)")
-                break
-            try:
-                self._feed_exact(chunk, out)
-            except _StreamFault as e:
-                self._fault = e
-                break
-        if not out and self._fault is not None:
-            raise self._fault
-        return bytes(out)
-
-    def close(self) -> None:
-        self._f.close()
-        super().close()
-
-
-def _open_binary(path: str) -> io.IOBase:
-    if path.endswith(".gz"):
-        return _DecompressedStream(path, "gz")
-    if path.endswith(".zst"):
-        return _DecompressedStream(path, "zst")
-    return open(path, "rb")
-
-
 def _read_blocks(stream: io.IOBase, report: FileReport) -> Iterator[tuple[bytes, bool]]:
     """Yield (block of whole lines, is_last). On a fault every whole line before it
     is yielded, then the incomplete tail (last), and the file is marked with the
@@ -483,9 +386,9 @@ def _read_blocks(stream: io.IOBase, report: FileReport) -> Iterator[tuple[bytes,
     while True:
         try:
             chunk = stream.read(READ_CHUNK)
-        except (_StreamFault, OSError) as e:
-            status = e.status if isinstance(e, _StreamFault) else "unreadable"
-            message = str(e) if isinstance(e, _StreamFault) else f"{type(e).__name__}: {e}"
+        except (StreamFault, OSError) as e:
+            status = e.status if isinstance(e, StreamFault) else "unreadable"
+            message = str(e) if isinstance(e, StreamFault) else f"{type(e).__name__}: {e}"
             report.file_error(status, message)
             data = b"".join(chunks)
             cut = data.rfind(b"\n")
@@ -657,7 +560,7 @@ def read_jsonl(task: InputTask, spec: SourceSpec, report: FileReport,
     reader = _JsonlBlockReader(task, spec, report, batch_size)
     line_no = 1
     try:
-        stream = _open_binary(task.path)
+        stream = open_binary(task.path)
     except OSError as e:
         report.file_error("unreadable", f"{type(e).__name__}: {e}")
         return
