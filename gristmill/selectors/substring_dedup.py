@@ -102,27 +102,34 @@ def repeated_windows(tokens: np.ndarray, record_end: np.ndarray, k: int,
     remove = np.zeros(n, dtype=bool)
     if n <= k:
         return remove
-    sa = divsufsort(tokens).astype(np.int64)
-    lcp = kasai(tokens, sa.astype(np.int32) if sa.dtype != np.int32 else sa).astype(np.int64)
+    # int32 positions while they fit: the arrays here are the stage's memory peak
+    idx = np.int32 if n < 2**31 - 1 else np.int64
+    sa = divsufsort(tokens)
+    lcp = kasai(tokens, sa)
+    sa = sa.astype(idx, copy=False)
     valid = (record_end[sa] - sa) >= k  # the k-gram at SA[i] lies inside one record
     # runs of SA entries sharing their first k tokens: lcp[i] links i and i + 1
-    link = lcp[:-1] >= k
-    start = np.r_[True, ~link]
-    run = np.cumsum(start) - 1
-    counted = np.bincount(run, weights=valid, minlength=run[-1] + 1)
+    start = np.empty(n, dtype=bool)
+    start[0] = True
+    np.less(lcp[:-1], k, out=start[1:])
+    del lcp
+    run = np.cumsum(start, dtype=idx)
+    run -= 1
+    del start
+    counted = np.bincount(run, weights=valid)
     take = valid & (counted[run] >= 2)
+    del counted, valid
     if keep == "first":
         # the first occurrence (smallest position) of each repeated k-gram stays
-        pos = np.where(take, sa, n)
-        first = np.full(run[-1] + 1, n, dtype=np.int64)
-        np.minimum.at(first, run, pos)
+        first = np.full(int(run[-1]) + 1, n, dtype=idx)
+        np.minimum.at(first, run[take], sa[take])
         take &= sa != first[run]
     p = sa[take]
     if p.size:
-        diff = np.zeros(n + 1, dtype=np.int64)
+        diff = np.zeros(n + 1, dtype=idx)
         np.add.at(diff, p, 1)
         np.add.at(diff, p + k, -1)
-        remove = np.cumsum(diff[:n]) > 0
+        remove = np.cumsum(diff[:n], dtype=idx) > 0
     return remove
 
 
@@ -191,6 +198,8 @@ class SubstringDedup(GlobalStage):
             return Removal(np.zeros(0, np.uint64), empty, empty, empty, np.zeros(1, np.int64))
         keys = np.concatenate([s[0] for s in summary])
         counts = np.concatenate([s[1] for s in summary])
+        if counts.sum() == 0:
+            return Removal(np.zeros(0, np.uint64), empty, empty, empty, np.zeros(1, np.int64))
         tok = np.concatenate([s[2] for s in summary])
         starts = np.r_[0, np.cumsum(counts)[:-1]]
         order = np.argsort(keys, kind="stable")
@@ -200,7 +209,8 @@ class SubstringDedup(GlobalStage):
             np.arange(counts.sum())
         corpus = np.ascontiguousarray(tok[gather])
         ends = np.cumsum(counts)
-        record_end = np.repeat(ends, counts)
+        record_end = np.repeat(ends.astype(np.int32 if ends[-1] < 2**31 - 1 else np.int64),
+                               counts)
         remove = repeated_windows(corpus, record_end, self.params.min_tokens, self.params.keep)
         # removed ranges, relative to their record: a run of removed tokens also
         # breaks where a record ends (the next record's run is its own)
