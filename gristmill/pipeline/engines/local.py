@@ -48,7 +48,7 @@ from gristmill.pipeline.readers import FileReport, InputTask
 from gristmill.pipeline.recipe import Recipe
 from gristmill.pipeline.stage import DROPPED_SCHEMA, GlobalStage, ShuffleStage, Stage, merge_all
 from gristmill.pipeline.storage import AtomicFile
-from gristmill.pipeline.writers import ShardWriter, atomic_write_bytes, atomic_write_json
+from gristmill.pipeline.writers import ShardWriter, atomic_write_bytes
 
 
 @dataclass
@@ -286,7 +286,8 @@ def _run_task(recipe: Recipe, work: Path, segment_index: int, task: InputTask) -
         result["file"] = {**{k: v for k, v in report.__dict__.items() if k != "rejects"},
                           **inputs.fingerprint}
     result["stats"] = stats.to_json()
-    atomic_write_json(marker, result)
+    # compact: the marker carries the task's samples, and indented JSON is the slow encoder
+    atomic_write_bytes(marker, json.dumps(result, default=str).encode())
     return result
 
 
