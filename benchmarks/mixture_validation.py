@@ -160,7 +160,19 @@ def main() -> None:
     ap.add_argument("--heldout-bytes", type=int, default=12_000)
     ap.add_argument("--data-seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="a 2-minute smoke run")
+    ap.add_argument("--from-json", help="print the tables of a saved run (benchmarks/_work/"
+                                        "mixture_validation.json) instead of training")
     args = ap.parse_args()
+    if args.from_json:
+        with open(args.from_json) as f:
+            saved = json.load(f)
+        results, variances = saved["runs"], {k: v["per_seed"] for k, v in saved["summary"]["grad_variance"].items()
+                                             if k != "ratio_scal_over_sampling"}
+        domains = list(results["T=1"][0]["heldout_bpb"])
+        small = list(results["T=1"][0]["gap"])
+        print(table(summarize(results, variances, domains, small), results, domains, small))
+        print(f"wall time of that run: {saved['summary']['seconds'] / 60:.1f} min")
+        return
     if args.quick:
         args.steps, args.seeds, args.largest, args.span = 30, [0], 60_000, 100.0
     torch.set_num_threads(1)
@@ -228,8 +240,7 @@ def main() -> None:
 
 
 def summarize(results, variances, domains, small) -> dict:
-    out: dict = {"arms": {}, "paired_vs_T1": {}}
-    base = results["T=1"]
+    out: dict = {"arms": {}, "paired_vs_T1": {}, "paired_vs_T5": {}}
     for name, runs in results.items():
         out["arms"][name] = {
             "heldout_bpb_mean_per_language": {d: float(np.mean([r["heldout_bpb"][d] for r in runs]))
@@ -238,10 +249,11 @@ def summarize(results, variances, domains, small) -> dict:
             "gap_per_seed": {d: [r["gap"][d] for r in runs] for d in small},
             "epochs_smallest": float(np.mean([r["epochs"][small[0]] for r in runs])),
         }
-        if name != "T=1":
-            out["paired_vs_T1"][name] = {
-                key: interval([r[key] - b[key] for r, b in zip(runs, base, strict=True)])
-                for key in ("worst", "mean")}
+        for ref, key_out in (("T=1", "paired_vs_T1"), ("T=5", "paired_vs_T5")):
+            if name != ref:
+                out[key_out][name] = {
+                    key: interval([r[key] - b[key] for r, b in zip(runs, results[ref], strict=True)])
+                    for key in ("worst", "mean")}
     out["grad_variance"] = {k: {"per_seed": v, "mean_ci": interval(v)} for k, v in variances.items()}
     ratio = np.asarray(variances["scalarization T=5"]) / np.asarray(variances["sampling T=5"])
     out["grad_variance"]["ratio_scal_over_sampling"] = {"per_seed": ratio.tolist(), "mean_ci": interval(ratio)}
@@ -268,6 +280,9 @@ def table(summary, results, domains, small) -> str:
                      + f" | {np.mean(arm['worst_per_seed']):.3f} ({', '.join(f'{v:.3f}' for v in arm['worst_per_seed'])})"
                      + f" | {np.mean(arm['mean_per_seed']):.3f} ({', '.join(f'{v:.3f}' for v in arm['mean_per_seed'])})"
                      + f" | {_ci(paired, 'worst')} | {_ci(paired, 'mean')} | {gaps} | {arm['epochs_smallest']:.1f} |")
+    lines += ["", "| arm | worst − T=5 [95% CI] | mean − T=5 [95% CI] |", "|---|---|---|"]
+    for name, paired in summary["paired_vs_T5"].items():
+        lines.append(f"| {name} | {_ci(paired, 'worst')} | {_ci(paired, 'mean')} |")
     gv = summary["grad_variance"]
     lines.append("")
     lines.append("gradient variance E||g - Eg||^2 at the T=1 model, per seed: sampling T=5 "
