@@ -341,7 +341,7 @@ def run_draw(task: Task, seed: int, steps: int, n_test: int) -> dict:
                                                          n_big)[0] for p in test_p])
              for c, s in d.sot.items()}
     preds["quadratic in p (no OT)"] = extrapolate(quad[n0].predict(test_p), quad[n1].predict(test_p), n0, n1, n_big)
-    preds["N1 pilot value as is"] = quad[n1].predict(test_p)
+    preds["quadratic fit at N1, not projected"] = quad[n1].predict(test_p)
     for k, v in preds.items():
         out["extrapolation"][k] = (float(mean_absolute_error(measured, v)), float(r2_score(measured, v)))
 
@@ -420,7 +420,19 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=15, help="projected-gradient steps per optimization")
     ap.add_argument("--test-mixtures", type=int, default=8)
     ap.add_argument("--quick", action="store_true", help="1 draw, few steps")
+    ap.add_argument("--from-json", help="print the tables of a saved run (benchmarks/_work/ot_validation.json)")
     args = ap.parse_args()
+    if args.from_json:
+        with open(args.from_json) as f:
+            saved = json.load(f)
+        for name, draws in saved.items():
+            for r in draws:  # the label an earlier version of this script used
+                r["extrapolation"] = {("quadratic fit at N1, not projected" if k == "N1 pilot value as is" else k): v
+                                      for k, v in r["extrapolation"].items()}
+            task = Task(name, np.zeros((0, 0)), None, n0=draws[0]["n0"], n1=draws[0]["n1"],
+                        higher_is_better=name != "docs")
+            print(report(task, draws))
+        return
     if args.quick:
         args.draws, args.steps, args.test_mixtures = 1, 3, 3
     torch.set_num_threads(1)
