@@ -421,6 +421,7 @@ def main() -> None:
     ap.add_argument("--test-mixtures", type=int, default=8)
     ap.add_argument("--quick", action="store_true", help="1 draw, few steps")
     ap.add_argument("--from-json", help="print the tables of a saved run (benchmarks/_work/ot_validation.json)")
+    ap.add_argument("--out", default=str(HERE / "_work" / "ot_validation.json"), help="where the run is saved")
     args = ap.parse_args()
     if args.from_json:
         with open(args.from_json) as f:
@@ -445,8 +446,8 @@ def main() -> None:
             print(json.dumps(draws[-1]), flush=True)
         all_out[name] = draws
         print(report(task, draws), flush=True)
-    (HERE / "_work").mkdir(exist_ok=True)
-    with open(HERE / "_work" / "ot_validation.json", "w") as f:
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "w") as f:
         json.dump(all_out, f)
 
 
