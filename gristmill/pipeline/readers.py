@@ -91,6 +91,7 @@ READ_CHUNK = 256 << 10  # decompressed bytes asked of a stream per read
 MAX_RAW_CHARS = 100_000  # a reject keeps at most this much of the raw line
 BOM = b"\xef\xbb\xbf"
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_FIRST_BLANK = re.compile(rb"[ \t\r]*(?:\n|$)")
 
 
 def pretrain_schema(extra: list[str] | None = None) -> pa.Schema:
@@ -165,13 +166,17 @@ def _json_text(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
 
-def _valid_utf8(data: bytes) -> bool:
+def _as_arrow(data: bytes) -> pa.Array:
+    """``data`` as a one-element ``large_binary`` array, without copying it."""
+    offsets = pa.array([0, len(data)], pa.int64()).buffers()[1]
+    return pa.Array.from_buffers(pa.large_binary(), 1, [None, offsets, pa.py_buffer(data)])
+
+
+def _valid_utf8(data: bytes, arr: pa.Array | None = None) -> bool:
     if data.isascii():
         return True
-    offsets = pa.array([0, len(data)], pa.int64()).buffers()[1]
-    arr = pa.Array.from_buffers(pa.large_string(), 1, [None, offsets, pa.py_buffer(data)])
     try:
-        arr.validate(full=True)
+        (_as_arrow(data) if arr is None else arr).view(pa.large_string()).validate(full=True)
     except pa.ArrowInvalid:
         return False
     return True
@@ -416,26 +421,21 @@ def _read_blocks(stream: io.IOBase, report: FileReport) -> Iterator[tuple[bytes,
             chunks, size = ([tail], len(tail)) if tail else ([], 0)
 
 
-def _record_lines(block: bytes) -> tuple[int, np.ndarray]:
+def _record_lines(block: bytes, arr: pa.Array) -> tuple[int, np.ndarray]:
     """(number of lines, 0-based indexes of the lines that are not blank).
 
-    One vectorized pass finds the line starts; only lines that start with
-    whitespace are looked at one by one."""
-    buf = np.frombuffer(block, np.uint8)
-    ends = np.flatnonzero(buf == 10)
-    n_lines = len(ends) + (0 if block.endswith(b"\n") else 1)
-    if n_lines == 0:
-        return 0, np.arange(0)
-    starts = np.empty(n_lines, np.int64)
-    starts[0] = 0
-    starts[1:] = ends[: n_lines - 1] + 1
-    first = buf[starts]
-    maybe_blank = np.flatnonzero((first == 32) | (first == 9) | (first == 13) | (first == 10))
-    if not len(maybe_blank):
+    Newlines and blank lines are counted by Arrow's RE2 kernels over ``arr`` (the
+    block, zero copy), several times faster than ``bytes.count`` and ``re``;
+    only a block that has blank lines is split in Python."""
+    n_lines = pc.count_substring_regex(arr, r"\n")[0].as_py() + (0 if block.endswith(b"\n")
+                                                                 else 1)
+    tail = block[block.rfind(b"\n") + 1:]
+    if not (_FIRST_BLANK.match(block) or (tail and not tail.strip(b" \t\r"))
+            or pc.count_substring_regex(arr, r"\n[ \t\r]*\n")[0].as_py()):
         return n_lines, np.arange(n_lines)
-    blank = [i for i in maybe_blank
-             if not block[starts[i]: ends[i] if i < len(ends) else len(block)].strip(b" \t\r")]
-    return n_lines, np.delete(np.arange(n_lines), blank)
+    lines = block.split(b"\n")[:n_lines]
+    return n_lines, np.asarray([i for i, s in enumerate(lines) if s.strip(b" \t\r")],
+                               dtype=np.int64)
 
 
 class _JsonlBlockReader:
@@ -451,13 +451,14 @@ class _JsonlBlockReader:
 
     def fast(self, block: bytes, first_line: int) -> tuple[pa.Table, int] | None:
         """Canonical table of a block with pyarrow, or None if the careful path must judge."""
-        if not _valid_utf8(block):
+        arr = _as_arrow(block)
+        if not _valid_utf8(block, arr):
             return None
         head = block.lstrip(b" \t\r\n")
         # pyarrow 25 crashes (SIGSEGV) on a block whose first value is `null`
         if not head or head.startswith(b"null") or block.startswith(BOM):
             return None
-        n_lines, idx = _record_lines(block)
+        n_lines, idx = _record_lines(block, arr)
         try:
             table = pajson.read_json(
                 pa.BufferReader(block), parse_options=self.parse_opts,
