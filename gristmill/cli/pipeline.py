@@ -133,8 +133,38 @@ def _diff(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_demo(root: Path, engine: str | None = None, workers: int | None = None) -> int:
+    """Build the corpus under ``root/data/demo`` and run ``root/recipes/demo.yaml``.
+
+    The recipe is copied there from the package first (:mod:`gristmill.recipes`),
+    unless the folder has one already: an edited copy is used, and said so.
+    The output lands in ``root/out/demo``.
+    """
+    from gristmill import recipes
+    from gristmill.pipeline.demo import build_demo_corpus
+    from gristmill.pipeline.recipe import load_recipe
+    from gristmill.pipeline.runner import run_recipe
+
+    installed = recipes.install(["demo"], root)[0]
+    recipe_path = installed.path
+    if installed.status == "edited":
+        print(f"using {recipe_path}: it differs from the shipped demo recipe "
+              f"(delete it to get the shipped one back)")
+    data = build_demo_corpus(Path(root) / "data" / "demo")
+    print(f"demo corpus: {data} ({len(list(data.glob('*.json*')))} files)")
+    recipe = load_recipe(recipe_path)
+    out = recipe.output_dir
+    old = out / "manifest.json"
+    # the demo is disposable: an output of an edited recipe is replaced, not refused
+    fresh = old.exists() and json.loads(old.read_text()).get("fingerprint") != recipe.fingerprint()
+    manifest = run_recipe(recipe_path, engine=engine, workers=workers, fresh=fresh)
+    _print_summary(manifest, out)
+    print(f"\nThe recipe: {recipe_path}  (edit it and `gristmill run` it again)")
+    print(f"Open the report: {out / 'report.html'}")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
-    from gristmill.pipeline.demo import run_demo
     from gristmill.pipeline.runner import OutputLocked
 
     try:
