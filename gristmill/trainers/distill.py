@@ -61,6 +61,11 @@ arXiv:2310.10541), each switchable in ``DistillConfig``:
     every weight matrix or kernel and every output filter ``j``,
     ``d_j <- d_j / ||d_j|| * ||theta_j||`` and ``theta_j <- theta_j +
     perturb_scale * d_j`` (default scale 0.01), which does move an MLP.
+``dsa`` (differentiable siamese augmentation, both papers)
+    Each inner step's synthetic batch goes through one DSA transform
+    (``gristmill.trainers.dsa``: color, crop, cutout, flip, scale or rotate,
+    differentiable in the pixels), drawn per image as both codes do; image
+    inputs only (a flat feature vector is left as it is). Off by default.
 ``student_momentum`` (momentum in the student's inner loop)
     ``b_0 = g_0``, ``b_n = mu * b_{n-1} + g_n``, ``theta_{n+1} = theta_n - alpha * b_n``
     (AST code, no Nesterov); ``mu = 0`` is MTT's plain SGD.
@@ -84,6 +89,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Literal
 
 import numpy as np
@@ -95,6 +101,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from gristmill.trainers.distill_models import MODEL_KINDS, FlatParams, build_model
+from gristmill.trainers.dsa import STRATEGY, check_strategy, dsa_augment
 from gristmill.trainers.experts import ExpertConfig, ExpertTrajectories, train_experts
 
 MIN_LR = 1e-6
@@ -129,10 +136,14 @@ class DistillConfig(BaseModel):
                                         description="alpha of the perturbation (default: 1 for ast, "
                                                     "0.01 for filter)")
     student_momentum: float = Field(0.9, ge=0, lt=1, description="student momentum mu (0 = off)")
+    dsa: bool = Field(False, description="DSA augmentation of the synthetic images in the inner loop "
+                                         "(image inputs only; Zhao & Bilen 2021)")
+    dsa_strategy: str = Field(STRATEGY, description="DSA families joined by _")
     seed: int = Field(0, description="seed of every random choice of the distillation")
 
     @model_validator(mode="after")
     def _steps_cover_epochs(self) -> DistillConfig:
+        check_strategy(self.dsa_strategy)
         if self.intermediate_matching and self.syn_steps < self.expert_epochs:
             raise ValueError(f"syn_steps={self.syn_steps} must be >= expert_epochs="
                              f"{self.expert_epochs} for intermediate_matching")
@@ -238,21 +249,29 @@ def representative_indices(features: np.ndarray, labels: np.ndarray, ipc: int,
     return np.asarray(chosen, dtype=np.int64)
 
 
+def _augment_step(x: torch.Tensor, step: int, *, base: int, strategy: str) -> torch.Tensor:
+    # One fresh draw per image and step, as MTT and AST do (their seed -1).
+    return dsa_augment(x, base + step, strategy, siamese=False)
+
+
 def unroll_student(flat: FlatParams, start: torch.Tensor, x_syn: torch.Tensor,
                    y_syn: torch.Tensor, lr: torch.Tensor | float, batches: list[torch.Tensor],
-                   *, momentum: float = 0.0, loss_weight: float = 1.0) -> list[torch.Tensor]:
+                   *, momentum: float = 0.0, loss_weight: float = 1.0,
+                   augment: Callable[[torch.Tensor, int], torch.Tensor] | None = None) -> list[torch.Tensor]:
     """The student's parameters ``theta_0 .. theta_N``, one step per index batch.
 
     ``g_n = grad_theta (w * CE(f(x_syn[b_n]; theta_n), y_syn[b_n]))``,
     ``b_0 = g_0``, ``b_n = mu * b_{n-1} + g_n`` and
     ``theta_{n+1} = theta_n - lr * b_n`` (``mu = 0``: plain SGD). The graph is
     kept (``create_graph``) so a loss on any ``theta_n`` reaches ``x_syn`` and ``lr``.
+    ``augment(x, n)``, when given, transforms step n's batch (DSA) before the forward pass.
     """
     theta = start.clone().requires_grad_(True)
     path = [theta]
     velocity = None
-    for idx in batches:
-        inner = F.cross_entropy(flat.forward(theta, x_syn[idx]), y_syn[idx]) * loss_weight
+    for n, idx in enumerate(batches):
+        x = x_syn[idx] if augment is None else augment(x_syn[idx], n)
+        inner = F.cross_entropy(flat.forward(theta, x), y_syn[idx]) * loss_weight
         grad = torch.autograd.grad(inner, theta, create_graph=True)[0]
         velocity = grad if velocity is None or momentum == 0 else momentum * velocity + grad
         theta = theta - lr * velocity
@@ -357,8 +376,11 @@ def distill(x: torch.Tensor, y: torch.Tensor, trajectories: ExpertTrajectories, 
         batches = []
         while len(batches) < config.syn_steps:
             batches += list(torch.split(torch.randperm(len(y_syn), generator=gen), batch))
+        augment = None
+        if config.dsa and x_syn.ndim == 4:
+            augment = partial(_augment_step, base=int(rng.integers(2**62)), strategy=config.dsa_strategy)
         path = unroll_student(flat, start, x_syn, y_syn, syn_lr, batches[:config.syn_steps],
-                              momentum=config.student_momentum, loss_weight=weight)
+                              momentum=config.student_momentum, loss_weight=weight, augment=augment)
         theta = path[-1]
         extra = [matching_loss(path[step], start, trajectory[start_epoch + offset])
                  for step, offset in middle.items()]

@@ -53,6 +53,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from gristmill.trainers.distill_models import FlatParams
+from gristmill.trainers.dsa import dsa_augment
 
 CLIP_EPOCHS = 10
 
@@ -73,6 +74,7 @@ class ExpertConfig(BaseModel):
     clip_loss: bool = Field(False, description="AST clipping-loss schedule on the first 10 epochs")
     gradient_penalty: float = Field(0.0, ge=0, le=1000,
                                     description="weight of the input-gradient penalty (0 = off)")
+    dsa: bool = Field(False, description="DSA augmentation of the real images (image inputs only)")
 
     @classmethod
     def mtt(cls, **overrides: object) -> ExpertConfig:
@@ -168,6 +170,9 @@ def train_expert(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: Exp
         order = torch.randperm(len(x), generator=generator)
         for batch in torch.split(order, config.batch_size):
             inputs = x[batch]
+            if config.dsa and inputs.ndim == 4:
+                inputs = dsa_augment(inputs, int(torch.randint(2**62, (1,), generator=generator)),
+                                     siamese=False)
             if config.gradient_penalty > 0:
                 inputs = inputs.clone().requires_grad_(True)
             logits = model(inputs)
