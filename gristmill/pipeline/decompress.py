@@ -16,6 +16,8 @@ from typing import Any
 
 import zstandard
 
+from gristmill.pipeline import storage
+
 COMPRESSED_CHUNK = 64 << 10  # compressed bytes fed to a decompressor at a time
 
 
@@ -40,7 +42,7 @@ class DecompressedStream(io.RawIOBase):
     """
 
     def __init__(self, path: str, kind: str) -> None:
-        self._f = open(path, "rb")
+        self._f = storage.open_read(path)
         self._kind = kind
         self._dec = self._new()
         self._in_member = False
@@ -107,9 +109,10 @@ class DecompressedStream(io.RawIOBase):
 
 
 def open_binary(path: str) -> io.IOBase:
-    """The file's bytes, decompressed for ``.gz`` and ``.zst``."""
+    """The file's bytes, decompressed for ``.gz`` and ``.zst``; a local file or an
+    object-store URL (``storage.open_read``: ranged reads of 8 MB)."""
     if path.endswith(".gz"):
         return DecompressedStream(path, "gz")
     if path.endswith(".zst"):
         return DecompressedStream(path, "zst")
-    return open(path, "rb")
+    return storage.open_read(path)

@@ -4,6 +4,8 @@ Memory is bounded by the block and batch size, never by the file. A bad
 record never stops a run: it is returned as a reject with the file, the line
 (JSONL, 1-based) or row (Parquet, 0-based) and the reason. Nothing is cast to
 fit, and every table a reader yields passes ``pyarrow``'s full validation.
+An input is a local path or an object-store URL (``s3://...``, read through
+``storage.open_read``: ranged reads, no local copy).
 
 JSONL, strictly
     A line is a record when it is valid UTF-8 and valid JSON (RFC 8259, plus
@@ -82,6 +84,7 @@ import pyarrow.compute as pc
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
+from gristmill.pipeline import storage
 from gristmill.pipeline.decompress import StreamFault, open_binary
 from gristmill.pipeline.recipe import SourceSpec
 from gristmill.pipeline.stage import KEY_POS_BITS, ROW_KEY, make_keys
@@ -634,7 +637,8 @@ def read_parquet(task: InputTask, spec: SourceSpec, report: FileReport,
                  batch_size: int) -> Iterator[pa.Table]:
     norm = _Normalizer(spec, task)
     try:
-        pf = pq.ParquetFile(task.path)
+        pf = pq.ParquetFile(storage.open_read(task.path) if storage.is_remote(task.path)
+                            else task.path)
         schema = pf.schema_arrow
     except (pa.ArrowException, OSError) as e:
         report.file_error("unreadable", f"{type(e).__name__}: {e}")
