@@ -175,7 +175,8 @@ def test_check_names_the_missing_extra_in_one_line(tmp_path: Path, stages: list[
                                                    engine: str, blocked: list[str], where: str,
                                                    extra: str, source: str) -> None:
     recipe = _recipe(tmp_path, stages, engine, source)
-    for command in ("check", "run"):
+    # `run` checks the same way before reading; one case of it is enough
+    for command in ("check", "run") if engine == "dask" else ("check",):
         result = cli_without(blocked, [command, str(recipe)], tmp_path)
         assert result.returncode == 2, result.stderr
         assert result.stderr.splitlines() == [
