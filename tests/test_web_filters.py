@@ -447,3 +447,58 @@ def test_gopher_repetition_measures_match_datatrove(case):
            "para": list(find_duplicates(re.split(r"\n{2,}", text.strip()))),
            "line": list(find_duplicates(re.split("\n+", text)))}
     assert got == DATATROVE_MEASURES[case]
+
+
+# Line-rule cases and what DataTrove 0.10.1's FineWebQualityFilter and C4QualityFilter
+# decide (and C4's rewritten text), printed by
+# `benchmarks/peer_stages.py DOCS OUT --stages fineweb_lines c4_lines` in the peers venv.
+FINEWEB_CASES = {
+    "prose": ("\n".join(f"Sentence {i} says something new about the valley and its farms."
+                        for i in range(12)), "keep"),
+    "menu": ("\n".join(["Home", "News", "Shop", "Contact",
+                        "Grain prices rose again this week in the valley."]), "short_line_ratio"),
+    "dup": ("\n".join(["The mill grinds grain into flour every day of the week."] * 2
+                      + [f"Line {i} tells a new story of the river and the mill."
+                         for i in range(10)]), "char_dup_ratio"),
+    "few_punct": ("\n".join([f"line {i} of the ledger lists names and sacks of grain"
+                             for i in range(10)] + ["The end."]), "line_punct_ratio"),
+    "zero_punct": ("\n".join(f"entry {i} without any ending mark at all here" for i in range(8)),
+                   "line_punct_ratio"),
+}
+C4_CASES = {
+    "mixed": ("The mill grinds grain every morning. The farmers bring their sacks by cart.\n"
+              "Click here\nEnable JavaScript to view this page, it says.\n"
+              "Read our privacy policy before you continue.\n"
+              "Flour is sold in the market on Saturdays. Bread is baked on Sundays.\n"
+              "Water turns the wheel [1]. Wind turns the sails [citation needed].",
+              "keep", "The mill grinds grain every morning. The farmers bring their sacks by "
+              "cart.\nFlour is sold in the market on Saturdays. Bread is baked on Sundays.\n"
+              "Water turns the wheel . Wind turns the sails ."),
+    "lorem": ("The mill grinds grain every morning today.\nLorem ipsum dolor sit amet, it says.",
+              "lorem_ipsum", None),
+    "curly": ("The mill grinds grain every morning today.\nThe config is {a: 1} here.",
+              "curly_bracket", None),
+    "short": ("One line only. Two sentences here.", "too_few_sentences", None),
+    "ellipsis": ("The mill grinds grain every morning. It rains. It pours. The end is near. "
+                 "Really near.\nAnd then it stopped...\nA line without end", "keep",
+                 "The mill grinds grain every morning. It rains. It pours. The end is near. "
+                 "Really near."),
+}
+
+
+def test_fineweb_and_c4_line_rules_decide_as_datatrove():
+    texts = [t for t, _ in FINEWEB_CASES.values()]
+    out = FineWebLines().process(_table(texts))
+    got = {f"d{i}": "keep" for i in range(len(texts))}
+    got.update(zip(out.dropped.column("id").to_pylist(), out.dropped.column("reason").to_pylist(),
+                   strict=True))
+    assert list(got.values()) == [want for _, want in FINEWEB_CASES.values()]
+    texts = [t for t, _, _ in C4_CASES.values()]
+    out = C4Lines().process(_table(texts))
+    reasons = dict(zip(out.dropped.column("id").to_pylist(),
+                       out.dropped.column("reason").to_pylist(), strict=True))
+    kept = dict(zip(out.kept.column("id").to_pylist(), out.kept.column("text").to_pylist(),
+                    strict=True))
+    for i, (_, want_reason, want_text) in enumerate(C4_CASES.values()):
+        assert reasons.get(f"d{i}", "keep") == want_reason
+        assert kept.get(f"d{i}") == want_text
