@@ -21,6 +21,7 @@ def test_stages_name_prints_parameters_with_types_defaults_and_help(capsys):
     out = capsys.readouterr().out
     assert "n: int = 13" in out and "n-gram length in words" in out
     assert "eval_sets: list[EvalSet] = required" in out
+    assert "      name: str = required\n          name used in reasons" in out  # nested model
     assert main(["stages", "gopehr"]) == 2
     assert "did you mean 'gopher'" in capsys.readouterr().err
 

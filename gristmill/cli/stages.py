@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+import typing
 
+from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 
@@ -28,6 +30,30 @@ def _type_name(annotation: object) -> str:
     return re.sub(r"\b(?:[a-z_][a-z0-9_]*\.)+([A-Za-z_]\w*)", r"\1", text)
 
 
+def _nested_models(annotation: object) -> list[type[BaseModel]]:
+    """Pydantic models inside an annotation (``Model``, ``list[Model]``, ``Model | None``)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _nested_models(arg)]
+
+
+def _fields(model: type[BaseModel], indent: str) -> list[str]:
+    lines = []
+    for field, info in model.model_fields.items():
+        if info.default is not PydanticUndefined:
+            default = repr(info.default)
+        elif info.default_factory is not None:
+            default = repr(info.default_factory())
+        else:
+            default = "required"
+        lines.append(f"{indent}{field}: {_type_name(info.annotation)} = {default}")
+        if info.description:
+            lines.append(f"{indent}    {info.description}")
+        for sub in _nested_models(info.annotation):
+            lines += _fields(sub, indent + "    ")
+    return lines
+
+
 def describe_stage(name: str) -> str:
     """The parameter table of one stage."""
     from gristmill.pipeline.registry import all_stages, stage_class
@@ -35,19 +61,9 @@ def describe_stage(name: str) -> str:
     cls = stage_class(name)
     source = all_stages().get(name, name)
     lines = [f"{name}  ({cls.kind} stage, {source})", "", f"  {_summary(cls)}", ""]
-    fields = cls.Params.model_fields
-    if not fields:
+    if not cls.Params.model_fields:
         lines.append("  no parameters")
-    for field, info in fields.items():
-        if info.default is not PydanticUndefined:
-            default = repr(info.default)
-        elif info.default_factory is not None:
-            default = repr(info.default_factory())
-        else:
-            default = "required"
-        lines.append(f"  {field}: {_type_name(info.annotation)} = {default}")
-        if info.description:
-            lines.append(f"      {info.description}")
+    lines += _fields(cls.Params, "  ")
     needs = cls.requires
     if needs:
         lines += ["", f"  reads columns: {', '.join(needs)}"]
