@@ -110,11 +110,13 @@ class EvalSet(BaseModel):
 
 
 class DecontaminateParams(StageParams):
-    eval_sets: list[EvalSet] = Field(min_length=1, max_length=64)
+    eval_sets: list[EvalSet] = Field(min_length=1, max_length=64,
+                                     description="evaluation sets: name, path, fields (1 to 64)")
     n: int = Field(13, ge=3, le=64, description="n-gram length in words")
     min_words: int = Field(8, ge=1, description="shortest evaluation item that is used")
     min_matches: int = Field(1, ge=1, description="shared n-grams that make a record contaminated")
-    mode: Literal["drop", "flag"] = "drop"
+    mode: Literal["drop", "flag"] = Field("drop", description="drop contaminated records, or "
+                                          "keep them and add <name>_sets, <name>_ngrams")
     cache_dir: str = Field(".gristmill-cache/decontaminate", description="where the n-gram "
                            "table is written and memory-mapped (relative to the recipe)")
     chunk_rows: int = Field(50_000, ge=1, description="evaluation records hashed per chunk")

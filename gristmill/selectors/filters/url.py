@@ -52,7 +52,8 @@ class UrlFilterParams(StageParams):
     banned_words: list[str] = Field(default_factory=list, description="one in the URL's words drops")
     soft_banned_words: list[str] = Field(default_factory=list,
                                          description="soft_word_threshold of them drop")
-    soft_word_threshold: int = Field(2, ge=1)
+    soft_word_threshold: int = Field(2, ge=1, description="soft-banned words in a URL that "
+                                     "drop it")
     banned_subwords: list[str] = Field(default_factory=list, description="a substring of the "
                                        "URL without separators drops")
     missing_url: str = Field("drop", pattern="^(drop|keep)$", description="what to do with a "
