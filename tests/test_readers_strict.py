@@ -114,6 +114,24 @@ def test_a_first_line_null_does_not_crash_the_process(tmp_path):
     assert res.stdout.split() == ["1", "1", "not", "a", "JSON", "object", "(NoneType)"]
 
 
+def test_a_null_line_at_a_parse_chunk_start_does_not_crash_the_process(tmp_path):
+    # pyarrow parses a block in 1 MiB chunks; one that starts with `null` crashes it too
+    good = (json.dumps({"text": "x" * 90}) + "\n").encode()
+    head = good * ((1 << 20) // len(good) - 1)
+    fill = (1 << 20) - len(head) - 50
+    path = tmp_path / "n.jsonl"
+    path.write_bytes(head + b'{"text": "' + b"y" * (fill - 13) + b'"}\n'
+                     + b"null" + b" " * 200 + b"\n" + good * 100)
+    n_head = len(head) // len(good)
+    code = ("import sys; sys.path.insert(0, sys.argv[2]); from test_readers_strict import _read;"
+            "from pathlib import Path; t, r = _read(Path(sys.argv[1]));"
+            "print(t.num_rows, r.rejected, r.rejects[0]['line'])")
+    res = subprocess.run([sys.executable, "-c", code, str(path), str(Path(__file__).parent)],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.split() == [str(n_head + 101), "1", str(n_head + 2)]
+
+
 def test_two_values_on_one_line_do_not_shift_line_numbers_past_a_blank_line(tmp_path):
     path = tmp_path / "two.jsonl"
     path.write_bytes(b'{"text": "a"}{"text": "b"}\n\n{"text": "c"}\n')

@@ -91,6 +91,7 @@ from gristmill.pipeline.stage import KEY_POS_BITS, ROW_KEY, make_keys
 
 BLOCK_BYTES = 8 << 20
 READ_CHUNK = 256 << 10  # decompressed bytes asked of a stream per read
+PARSE_CHUNK = 1 << 20  # pyarrow.json parses a block in chunks of this size, in parallel
 MAX_RAW_CHARS = 100_000  # a reject keeps at most this much of the raw line
 BOM = b"\xef\xbb\xbf"
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
@@ -457,16 +458,25 @@ class _JsonlBlockReader:
         arr = _as_arrow(block)
         if not _valid_utf8(block, arr):
             return None
-        head = block.lstrip(b" \t\r\n")
-        # pyarrow 25 crashes (SIGSEGV) on a block whose first value is `null`
-        if not head or head.startswith(b"null") or block.startswith(BOM):
+        # pyarrow 25 crashes (SIGSEGV) when one of its parse chunks starts with `null`; a
+        # `null` line is never a record, so a block with one goes line by line
+        if (not block.strip(b" \t\r\n") or block.startswith(BOM)
+                or pc.count_substring_regex(arr, r"(?:^|[\n\r])[ \t\r]*null")[0].as_py()):
             return None
         n_lines, idx = _record_lines(block, arr)
-        try:
-            table = pajson.read_json(
-                pa.BufferReader(block), parse_options=self.parse_opts,
-                read_options=pajson.ReadOptions(block_size=max(len(block) + 1, 1 << 20)))
-        except (pa.ArrowInvalid, UnicodeDecodeError, ValueError):
+        table = None
+        # parse chunks of PARSE_CHUNK bytes (parsed in parallel); a line longer than
+        # that straddles two chunks: the whole block in one chunk then
+        for chunk in (PARSE_CHUNK, len(block) + 1):
+            try:
+                table = pajson.read_json(
+                    pa.BufferReader(block), parse_options=self.parse_opts,
+                    read_options=pajson.ReadOptions(block_size=chunk))
+                break
+            except (pa.ArrowInvalid, UnicodeDecodeError, ValueError) as e:
+                if "straddl" not in str(e):
+                    return None
+        if table is None:
             return None
         # every non-blank line gives at least one row or fails: equal counts mean one each
         if table.num_rows != len(idx) or not self.norm.fast_rows_ok(table):
