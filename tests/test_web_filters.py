@@ -327,7 +327,9 @@ def test_c4_lines_rewrites_text_and_names_document_rules():
         "The mill grinds grain every morning. The farmers bring their sacks by cart.",
         "Flour is sold in the market on Saturdays. Bread is baked on Sundays.",
         "Water turns the wheel . Wind turns the sails ."]
-    assert out.kept.column("c4_lines_lines_removed").to_pylist() == [3]
+    assert out.kept.column("c4_lines_lines_removed").to_pylist() == [
+        {"too_long_word": 0, "no_terminal_punct": 1, "too_few_words": 0, "javascript": 1,
+         "policy": 1}]
 
 
 def test_c4_lines_on_french_prose_keeps_sentences():

@@ -57,31 +57,46 @@ class C4LinesParams(StageParams):
     filter_policy: bool = Field(True, description="drop lines with a cookie/terms/privacy phrase")
 
 
-def c4_clean(text: str, p: C4LinesParams) -> tuple[str | None, str | None]:
-    """``(kept text, None)`` or ``(None, reason)`` for one document."""
+LINE_RULES = ("too_long_word", "no_terminal_punct", "too_few_words", "javascript", "policy")
+
+
+def c4_clean(text: str, p: C4LinesParams,
+             removed: dict[str, int] | None = None) -> tuple[str | None, str | None]:
+    """``(kept text, None)`` or ``(None, reason)`` for one document; ``removed``, when
+    given, counts the lines each line rule took out (``LINE_RULES``)."""
+    removed = removed if removed is not None else {}
     kept: list[str] = []
     sentences = 0
+
+    def drop(rule: str) -> None:
+        removed[rule] = removed.get(rule, 0) + 1
+
     for line in text.splitlines():
         line = line.strip()
         words = line.split()
         if p.max_word_length is not None and any(len(w) > p.max_word_length for w in words):
+            drop("too_long_word")
             continue
         if p.remove_citations:
             line = CITATION.sub("", line)
         if p.filter_no_terminal_punct and (not line.endswith(END_PUNCTUATION)
                                            or line.endswith("...")):
+            drop("no_terminal_punct")
             continue
         # as in C4 and DataTrove, the word count is taken before citations are removed
         if p.min_words_per_line is not None and len(words) < p.min_words_per_line:
+            drop("too_few_words")
             continue
         lower = line.lower()
         if p.filter_lorem_ipsum and "lorem ipsum" in lower:
             return None, "lorem_ipsum"
         if p.filter_javascript and "javascript" in lower:
+            drop("javascript")
             continue
         if p.filter_curly_bracket and "{" in line:
             return None, "curly_bracket"
         if p.filter_policy and any(phrase in lower for phrase in POLICY_PHRASES):
+            drop("policy")
             continue
         if p.min_num_sentences is not None:
             sentences += count_sentences(line)
@@ -98,8 +113,9 @@ class C4Lines(RowStage):
     documents with lorem ipsum, a curly bracket or too few sentences.
 
     Reasons: ``lorem_ipsum``, ``curly_bracket``, ``too_few_sentences``,
-    ``no_lines_left``. Kept documents get ``<name>_lines_removed`` (int32), the
-    number of lines the rules took out.
+    ``no_lines_left``. Kept documents get ``<name>_lines_removed``, a struct
+    of int32 with the lines each line rule took out (``too_long_word``,
+    ``no_terminal_punct``, ``too_few_words``, ``javascript``, ``policy``).
 
     Parameters
     ----------
@@ -120,8 +136,8 @@ class C4Lines(RowStage):
     >>> out = C4Lines().process(pa.table({"id": ["a"], "text": [page]}))
     >>> out.kept.column("text")[0].as_py().splitlines()[0]
     'The mill grinds grain. It runs on water.'
-    >>> out.kept.column("c4_lines_lines_removed").to_pylist()
-    [1]
+    >>> out.kept.column("c4_lines_lines_removed")[0].as_py()["no_terminal_punct"]
+    1
     """
 
     type_name = "c4_lines"
@@ -136,19 +152,22 @@ class C4Lines(RowStage):
         keep = np.ones(len(texts), dtype=bool)
         reasons = np.empty(len(texts), dtype=object)
         new_texts: list[str] = []
-        removed: list[int] = []
+        removed = {rule: [] for rule in LINE_RULES}
         for i, text in enumerate(texts):
-            cleaned, reason = c4_clean(text, self.params)
+            counts: dict[str, int] = {}
+            cleaned, reason = c4_clean(text, self.params, counts)
             if cleaned is None:
                 keep[i] = False
                 reasons[i] = reason
                 new_texts.append(text)
-                removed.append(0)
             else:
                 new_texts.append(cleaned)
-                removed.append(len(text.splitlines()) - cleaned.count("\n") - 1)
+            for rule in LINE_RULES:
+                removed[rule].append(counts.get(rule, 0))
         idx = batch.schema.get_field_index("text")
         field = batch.schema.field(idx)
         batch = batch.set_column(idx, field, pa.array(new_texts, field.type))
-        batch = batch.append_column(f"{self.name}_lines_removed", pa.array(removed, pa.int32()))
+        struct = pa.StructArray.from_arrays([pa.array(removed[r], pa.int32()) for r in LINE_RULES],
+                                            names=list(LINE_RULES))
+        batch = batch.append_column(f"{self.name}_lines_removed", struct)
         return split_batch(batch, keep, self.name, reasons)
