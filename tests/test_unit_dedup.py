@@ -129,7 +129,7 @@ def test_a_record_left_with_too_little_is_dropped_with_the_unit_reason():
         assert out.dropped.num_rows == 0
     else:
         assert out.dropped.column("id").to_pylist() == ["c"]
-        assert out.dropped.column("reason").to_pylist() == ["duplicate_paragraphs"]
+        assert out.dropped.column("reason").to_pylist() == ["mostly_repeated_paragraphs"]
         assert out.dropped.column("detail")[0].as_py() == "removed_paragraphs=1 remaining_chars=0"
 
 
@@ -238,4 +238,4 @@ def test_substring_dedup_drops_a_record_left_too_short():
     first = SubstringDedup({"min_tokens": 50, "min_remaining_fraction": 0.5})
     out = first.apply(batch, first.finalize(first.summarize(batch)))
     assert out.kept.column("text").to_pylist() == [shared + " tail words"]
-    assert out.dropped.column("reason").to_pylist() == ["duplicate_substrings"]
+    assert out.dropped.column("reason").to_pylist() == ["mostly_repeated_substrings"]

@@ -137,7 +137,7 @@ class SubstringDedup(GlobalStage):
     """``substring_dedup``: repeated substrings of ``min_tokens`` words or more removed.
 
     Records keep the rest of their text and are dropped, with reason
-    ``duplicate_substrings`` and detail ``removed_tokens=<n> remaining_chars=<c>``,
+    ``mostly_repeated_substrings`` and detail ``removed_tokens=<n> remaining_chars=<c>``,
     when fewer than ``min_remaining_chars`` characters or less than
     ``min_remaining_fraction`` of their text remain.
 
@@ -168,7 +168,7 @@ class SubstringDedup(GlobalStage):
     type_name = "substring_dedup"
     Params: ClassVar = SubstringDedupParams
     extras: ClassVar[tuple[str, ...]] = ("substring",)
-    reason: ClassVar[str] = "duplicate_substrings"
+    reason: ClassVar[str] = "mostly_repeated_substrings"
     text_column: ClassVar[str] = "text"
 
     def input_columns(self) -> tuple[str, ...]:

@@ -9,7 +9,7 @@ from every other record. Units shorter than ``min_unit_chars`` are never
 removed (a lone ``}`` or ``fi`` repeats by nature and carries structure). A
 record keeps its other units, joined as they were (``\\n`` between lines;
 paragraphs joined by one blank line), and is dropped, with reason
-``duplicate_lines`` / ``duplicate_paragraphs``, when less than
+``mostly_repeated_lines`` / ``mostly_repeated_paragraphs``, when less than
 ``min_remaining_chars`` characters or ``min_remaining_fraction`` of its text
 remain.
 
@@ -102,7 +102,7 @@ class UnitDedup(GlobalStage):
 
     @property
     def reason(self) -> str:
-        return f"duplicate_{self.unit}s"
+        return f"mostly_repeated_{self.unit}s"
 
     def input_columns(self) -> tuple[str, ...]:
         return (self.text_column,)
