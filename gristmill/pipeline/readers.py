@@ -20,12 +20,14 @@ JSONL, strictly
     records. A UTF-8 byte order mark at the very start of a file is skipped.
 
     Two paths read a block of lines and they agree on every line: the fast
-    path (``pyarrow.json``) takes a block only when its bytes are valid UTF-8
-    and every line parsed to exactly one row with the main fields present;
+    path (``pyarrow.json``, parsing 1 MiB chunks in parallel) takes a block
+    only when its bytes are valid UTF-8, no line is a bare ``null`` (pyarrow
+    25 crashes with SIGSEGV on a parse chunk that starts with one) and every
+    non-blank line parsed to exactly one row with the main fields present;
     any other block goes line by line through the careful path (``json``).
-    Nesting too deep for Python's ``json`` (a ``RecursionError``) is retried
-    with ``pyarrow.json`` on that one line, which has no depth limit, so a
-    record is kept or rejected whatever its neighbours are.
+    A line Python's ``json`` cannot read for its own limits (nesting depth,
+    integer digits) is judged by ``pyarrow.json`` on that one line, which has
+    neither, so a record is kept or rejected whatever its neighbours are.
 
 Carried columns (``columns:``)
     From Parquet a carried column keeps its Arrow type (struct, list, map,
@@ -95,7 +97,7 @@ PARSE_CHUNK = 1 << 20  # pyarrow.json parses a block in chunks of this size, in 
 MAX_RAW_CHARS = 100_000  # a reject keeps at most this much of the raw line
 BOM = b"\xef\xbb\xbf"
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
-_FIRST_BLANK = re.compile(rb"[ \t\r]*(?:\n|$)")
+_HEAD = re.compile(rb"[ \t\r]*(\n|null|$)")  # a first line that is blank or a bare null
 
 
 def pretrain_schema(extra: list[str] | None = None) -> pa.Schema:
@@ -425,21 +427,34 @@ def _read_blocks(stream: io.IOBase, report: FileReport) -> Iterator[tuple[bytes,
             chunks, size = ([tail], len(tail)) if tail else ([], 0)
 
 
-def _record_lines(block: bytes, arr: pa.Array) -> tuple[int, np.ndarray]:
-    """(number of lines, 0-based indexes of the lines that are not blank).
+def _record_lines(block: bytes, arr: pa.Array) -> tuple[int, np.ndarray] | None:
+    """(number of lines, 0-based indexes of the lines that are not blank), or None
+    when a line is a bare ``null`` (pyarrow 25 crashes with SIGSEGV on a parse
+    chunk that starts with one; such a line is never a record anyway).
 
-    Newlines and blank lines are counted by Arrow's RE2 kernels over ``arr`` (the
-    block, zero copy), several times faster than ``bytes.count`` and ``re``;
-    only a block that has blank lines is split in Python."""
-    n_lines = pc.count_substring_regex(arr, r"\n")[0].as_py() + (0 if block.endswith(b"\n")
-                                                                 else 1)
+    Arrow's RE2 kernels scan the block (``arr``, zero copy); every pattern starts
+    with a literal byte, which RE2 finds with ``memchr``, several times faster
+    than ``bytes.count`` or ``re``. Only a block with blank lines is split in Python.
+    """
+    head = _HEAD.match(block)
+    if (head and head.group(1) == b"null") or _count(arr, r"\r[ \t\r]*null"):
+        return None  # arrow's chunker also splits at a carriage return
+    n_lines = _count(arr, r"\n") + (0 if block.endswith(b"\n") else 1)
     tail = block[block.rfind(b"\n") + 1:]
-    if not (_FIRST_BLANK.match(block) or (tail and not tail.strip(b" \t\r"))
-            or pc.count_substring_regex(arr, r"\n[ \t\r]*\n")[0].as_py()):
+    if not (head or (tail and not tail.strip(b" \t\r")) or _count(arr, r"\n[ \t\r]*(?:\n|null)")):
         return n_lines, np.arange(n_lines)
-    lines = block.split(b"\n")[:n_lines]
-    return n_lines, np.asarray([i for i, s in enumerate(lines) if s.strip(b" \t\r")],
-                               dtype=np.int64)
+    keep = []
+    for i, line in enumerate(block.split(b"\n")[:n_lines]):
+        line = line.strip(b" \t\r")
+        if line.startswith(b"null"):
+            return None
+        if line:
+            keep.append(i)
+    return n_lines, np.asarray(keep, dtype=np.int64)
+
+
+def _count(arr: pa.Array, pattern: str) -> int:
+    return pc.count_substring_regex(arr, pattern)[0].as_py()
 
 
 class _JsonlBlockReader:
@@ -458,12 +473,12 @@ class _JsonlBlockReader:
         arr = _as_arrow(block)
         if not _valid_utf8(block, arr):
             return None
-        # pyarrow 25 crashes (SIGSEGV) when one of its parse chunks starts with `null`; a
-        # `null` line is never a record, so a block with one goes line by line
-        if (not block.strip(b" \t\r\n") or block.startswith(BOM)
-                or pc.count_substring_regex(arr, r"(?:^|[\n\r])[ \t\r]*null")[0].as_py()):
+        if block.startswith(BOM):
             return None
-        n_lines, idx = _record_lines(block, arr)
+        lines = _record_lines(block, arr)
+        if lines is None or not len(lines[1]):
+            return None
+        n_lines, idx = lines
         table = None
         # parse chunks of PARSE_CHUNK bytes (parsed in parallel); a line longer than
         # that straddles two chunks: the whole block in one chunk then
