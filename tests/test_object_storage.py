@@ -315,3 +315,23 @@ def test_dask_cluster_of_separate_processes_reads_and_writes_s3(tmp_path, small_
     for i in range(2):
         home = tmp_path / f"worker-{i}"
         assert not [p for p in home.rglob("*.parquet")] and not list(home.rglob("done.json"))
+
+
+def test_beam_reads_and_writes_s3_like_the_local_engine(tmp_path, small_corpus, bucket):
+    pytest.importorskip("apache_beam")
+    _upload(small_corpus, f"s3://{bucket}/in")
+    stages = [{"stage": "exact_dedup"}, {"stage": "text_stats"},
+              {"stage": "top_fraction", "column": "text_stats_words", "fraction": 0.7}]
+    local_out, beam_out = f"s3://{bucket}/local-engine", f"s3://{bucket}/beam-engine"
+    local = run_recipe(_recipe(tmp_path, "local.yaml", f"s3://{bucket}/in", local_out,
+                               stages=stages), progress=False)
+    beam = run_recipe(_recipe(tmp_path, "beam.yaml", f"s3://{bucket}/in", beam_out,
+                              stages=stages, engine={"kind": "beam", "batch_size": 16}),
+                      progress=False)
+    a, b = _files(local_out), _files(beam_out)
+    data = sorted(k for k in a if k.startswith(("shards/", "artifacts/")))
+    assert data and data == sorted(k for k in b if k.startswith(("shards/", "artifacts/")))
+    for k in data:
+        assert a[k] == b[k], k
+    assert local["counts"] == beam["counts"] and local["counts"]["dropped"] > 0
+    assert not any(k.startswith("_work/") for k in b)
