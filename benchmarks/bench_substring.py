@@ -8,7 +8,10 @@ random word of the corpus: the copies are near duplicates that share many
 long passages with their originals, as mirrored or versioned pages do, so
 the suffix array meets realistic repeats rather than whole identical copies.
 
-Each size runs in a child process: ``summarize`` on 8,192-record batches,
+The corpus of each size is generated once by a child process and kept as
+Parquet under ``--work``; each size then runs in a fresh child process that
+reads it with pyarrow (so the peak RSS is the stage's, not the generator's
+Python strings): ``summarize`` on 8,192-record batches,
 ``merge``, ``finalize`` (suffix array, LCP, ranges) and ``apply`` on every
 batch, as the local engine calls them in one worker; it prints wall and CPU
 seconds per phase, the peak RSS of the child (``ru_maxrss``), words, and the
@@ -61,10 +64,21 @@ def corpus_of(mb: float, work: Path, replace: float, seed: int = 0) -> pa.Table:
     return pa.table({"_key": pa.array(np.arange(n, dtype=np.uint64)), "text": out})
 
 
+def write_corpus(mb: float, work: Path, replace: float) -> Path:
+    """Generate the corpus once (in its own process: Python strings cost far more
+    memory than the stage) and keep it as Parquet."""
+    path = work / f"substring_{mb:g}mb_{replace:g}.parquet"
+    if not path.exists():
+        tmp = path.with_suffix(".tmp")
+        pq.write_table(corpus_of(mb, work, replace), tmp, compression="zstd")
+        tmp.replace(path)
+    return path
+
+
 def child(mb: float, work: Path, replace: float, min_tokens: int) -> None:
     from gristmill.selectors.substring_dedup import SubstringDedup
 
-    table = corpus_of(mb, work, replace)
+    table = pq.read_table(work / f"substring_{mb:g}mb_{replace:g}.parquet")
     text_mb = pc.sum(pc.binary_length(table.column("text"))).as_py() / 1e6
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     st = SubstringDedup({"min_tokens": min_tokens})
@@ -107,11 +121,18 @@ def main() -> None:
     ap.add_argument("--min-tokens", type=int, default=50)
     ap.add_argument("--work", type=Path, default=HERE / "_work" / "dedup_quality")
     ap.add_argument("--child", type=float, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--generate", type=float, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.generate is not None:
+        write_corpus(args.generate, args.work, args.replace)
+        return
     if args.child is not None:
         child(args.child, args.work, args.replace, args.min_tokens)
         return
     for mb in args.mb:
+        gen = [sys.executable, __file__, "--generate", str(mb), "--replace", str(args.replace),
+               "--work", str(args.work)]
+        subprocess.run(gen, check=True)
         cmd = [sys.executable, __file__, "--child", str(mb), "--replace", str(args.replace),
                "--min-tokens", str(args.min_tokens), "--work", str(args.work)]
         r = subprocess.run(cmd, capture_output=True, text=True)
