@@ -31,8 +31,10 @@ The stage is global: ``summarize`` collects each batch's token hashes,
 row key), ``finalize`` builds the suffix array with ``pydivsufsort`` (a
 maintained binding of libdivsufsort; the ``substring`` extra) and keeps only
 the removed ranges of the records that lose text, and ``apply`` cuts them out.
-Memory at ``finalize``: about 12 bytes per corpus word (tokens, suffix array,
-LCP), on one machine, as in the paper; measured in ``benchmarks/RESULTS.md``.
+Memory at ``finalize``: the whole corpus's words on one machine, as in the
+paper: the tokens, suffix array and LCP (4 bytes per word each) and a few
+work arrays of 1-8 bytes per word; the peak is measured in
+``benchmarks/RESULTS.md``.
 """
 
 from __future__ import annotations
