@@ -45,3 +45,40 @@ def test_none_summaries_are_skipped():
     stage = _Concat()
     assert merge_all(stage, [None, [1], None, [2], [3], None]) == [1, 2, 3]
     assert merge_all(stage, [None, None]) is None
+
+
+def test_an_input_is_hashed_from_the_bytes_read_not_read_twice(tmp_path, monkeypatch):
+    import gzip
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    from gristmill.pipeline import inputs
+    from gristmill.pipeline.readers import FileReport, InputTask
+    from gristmill.pipeline.recipe import SourceSpec
+
+    body = "".join(json.dumps({"text": f"doc {i} " * (i % 40 + 1)}) + "\n"
+                   for i in range(5000)).encode()
+    files = {"a.jsonl": b"\xef\xbb\xbf" + body, "b.jsonl.gz": gzip.compress(body),
+             "c.jsonl.zst": zstandard.ZstdCompressor().compress(body),
+             "cut.jsonl.gz": gzip.compress(body)[:-3000]}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    pq.write_table(pa.table({"text": ["x"] * 10}), tmp_path / "p.parquet")
+    expected = {name: inputs.hash_file(tmp_path / name) for name in [*files, "p.parquet"]}
+    rereads = []
+    real_hash_file = inputs.hash_file
+    monkeypatch.setattr(inputs, "hash_file",
+                        lambda p: rereads.append(str(p)) or real_hash_file(p))
+    for i, name in enumerate(expected):
+        task = InputTask(index=i, source_index=0, path=str(tmp_path / name), label="x",
+                         format="parquet" if name.endswith(".parquet") else "jsonl")
+        reader = inputs.InputReader(task, SourceSpec(path=str(tmp_path)),
+                                    FileReport(path=task.path), 1000, None)
+        assert sum(b.num_rows for b in reader) > 0
+        assert reader.fingerprint["xxh3_128"] == expected[name], name
+    # only the Parquet file (read by ranges, not in order) is read a second time; a cut
+    # archive is read to its end before the reader finds it cut, so its tap is whole
+    assert rereads == [str(tmp_path / "p.parquet")]

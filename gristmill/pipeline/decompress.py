@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 import zstandard
@@ -41,8 +42,10 @@ class DecompressedStream(io.RawIOBase):
     bad byte comes out.
     """
 
-    def __init__(self, path: str, kind: str) -> None:
+    def __init__(self, path: str, kind: str, tap: Callable[[bytes], Any] | None = None) -> None:
         self._f = storage.open_read(path)
+        if tap is not None:
+            self._f = TappedFile(self._f, tap)
         self._kind = kind
         self._dec = self._new()
         self._in_member = False
@@ -108,11 +111,35 @@ class DecompressedStream(io.RawIOBase):
         super().close()
 
 
-def open_binary(path: str) -> io.IOBase:
+class TappedFile:
+    """A binary file that hands every chunk it reads to ``tap`` (to hash a file
+    while it is read, instead of reading it a second time)."""
+
+    def __init__(self, f: Any, tap: Callable[[bytes], Any]) -> None:
+        self._f, self._tap = f, tap
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._f.read(n)
+        self._tap(data)
+        return data
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> TappedFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_binary(path: str, tap: Callable[[bytes], Any] | None = None) -> io.IOBase:
     """The file's bytes, decompressed for ``.gz`` and ``.zst``; a local file or an
-    object-store URL (``storage.open_read``: ranged reads of 8 MB)."""
+    object-store URL (``storage.open_read``: ranged reads of 8 MB). ``tap``, if
+    given, sees every raw (compressed) byte read, in order."""
     if path.endswith(".gz"):
-        return DecompressedStream(path, "gz")
+        return DecompressedStream(path, "gz", tap)
     if path.endswith(".zst"):
-        return DecompressedStream(path, "zst")
-    return storage.open_read(path)
+        return DecompressedStream(path, "zst", tap)
+    f = storage.open_read(path)
+    return f if tap is None else TappedFile(f, tap)

@@ -5,7 +5,12 @@ Fingerprints
     ``xxh3_128`` hash of its bytes (xxHash3, 128 bits: a fast non-cryptographic
     hash, enough to notice a changed file, not to resist a forger). Size and
     mtime are taken when the run lists its inputs (``_work/run.json``); the hash
-    is computed by the task that reads the file and lands in the manifest.
+    is computed by the task that reads the file, from the raw bytes as the
+    reader reads them (JSONL, compressed or not: the file is read once, which
+    matters for an object in S3), or by reading it again (Parquet, read by
+    ranges, or a file the reader stopped reading at a fault), and lands in the
+    manifest. On an object store the modification time is the object's
+    last-modified time.
     A resume or re-run compares the inputs it finds with the recorded ones and
     refuses (``InputsChanged``, exit 2) naming every added, removed or changed
     file, unless ``--fresh``. A file whose mtime moved but whose size and hash
@@ -100,6 +105,21 @@ def refuse_changed_inputs(changes: list[str], out: Path, what: str) -> None:
             f"Run with --fresh to start over on the current inputs")
 
 
+class _TapHash:
+    """xxh3_128 of the bytes handed to it, and how many there were."""
+
+    def __init__(self) -> None:
+        self._h = xxhash.xxh3_128()
+        self.size = 0
+
+    def __call__(self, data: bytes) -> None:
+        self._h.update(data)
+        self.size += len(data)
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
+
+
 class InputReader:
     """Read one input file as canonical batches, and on the side: write its id
     ledger, check that the file did not change while it was read, and hash it.
@@ -122,7 +142,8 @@ class InputReader:
         with storage.open_read(self.task.path):
             pass
         ids: list[pa.Table] = []
-        for batch in read_task(self.task, self.spec, self.report, self.batch_size):
+        tapped = _TapHash()
+        for batch in read_task(self.task, self.spec, self.report, self.batch_size, tapped):
             if self.ledger_path is not None:
                 ids.append(batch.select(["id", ROW_KEY]))
             yield batch
@@ -131,7 +152,11 @@ class InputReader:
             raise InputChangedDuringRun(
                 f"input {self.task.path} changed while it was read (size {before['size']} -> "
                 f"{after['size']}); rerun when the input is stable")
-        self.fingerprint = {**after, HASH_NAME: hash_file(self.task.path)}
+        # the bytes hashed as they were read, when the reader read all of them in order
+        # (JSONL); else (Parquet, a file that ended in a fault) read again to hash it
+        digest = tapped.hexdigest() if tapped.size == after["size"] else \
+            hash_file(self.task.path)
+        self.fingerprint = {**after, HASH_NAME: digest}
         if self.ledger_path is not None:
             write_id_ledger(self.ledger_path, ids)
 

@@ -76,7 +76,7 @@ import io
 import json
 import re
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -585,11 +585,11 @@ def _has_lone_surrogate(obj: Any) -> bool:
 
 
 def read_jsonl(task: InputTask, spec: SourceSpec, report: FileReport,
-               batch_size: int) -> Iterator[pa.Table]:
+               batch_size: int, tap: Callable[[bytes], Any] | None = None) -> Iterator[pa.Table]:
     reader = _JsonlBlockReader(task, spec, report, batch_size)
     line_no = 1
     try:
-        stream = open_binary(task.path)
+        stream = open_binary(task.path, tap)
     except OSError as e:
         report.file_error("unreadable", f"{type(e).__name__}: {e}")
         return
@@ -725,9 +725,13 @@ def read_parquet(task: InputTask, spec: SourceSpec, report: FileReport,
 
 
 def read_task(task: InputTask, spec: SourceSpec, report: FileReport,
-              batch_size: int) -> Iterator[pa.Table]:
-    """Stream one input file as canonical Arrow tables of at most ``batch_size`` rows."""
-    reader = read_jsonl if task.format == "jsonl" else read_parquet
-    for table in reader(task, spec, report, batch_size):
+              batch_size: int, tap: Callable[[bytes], Any] | None = None) -> Iterator[pa.Table]:
+    """Stream one input file as canonical Arrow tables of at most ``batch_size`` rows.
+
+    ``tap`` sees the raw bytes of a JSONL file as they are read (the caller hashes
+    them); a Parquet file is read by ranges, not in order, and is not tapped."""
+    tables = (read_jsonl(task, spec, report, batch_size, tap) if task.format == "jsonl"
+              else read_parquet(task, spec, report, batch_size))
+    for table in tables:
         if table.num_rows:
             yield table
