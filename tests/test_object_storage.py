@@ -335,3 +335,19 @@ def test_beam_reads_and_writes_s3_like_the_local_engine(tmp_path, small_corpus, 
         assert a[k] == b[k], k
     assert local["counts"] == beam["counts"] and local["counts"]["dropped"] > 0
     assert not any(k.startswith("_work/") for k in b)
+
+
+@pytest.mark.parametrize("size", [1000, 12 << 20])  # one PUT; a multipart upload
+def test_a_failed_write_on_s3_leaves_no_object(bucket, size):
+    path = storage.as_path(f"s3://{bucket}/run/shards/part-00000.parquet")
+    with pytest.raises(RuntimeError, match="disk of the writer failed"):
+        with storage.AtomicFile(path) as f:
+            f.file.write(b"x" * size)
+            raise RuntimeError("disk of the writer failed")
+    assert not storage.exists(path) and not storage.is_dir(path.parent)
+    storage.write_bytes(path, b"complete")
+    assert storage.read_bytes(path) == b"complete"
+    assert storage.is_dir(storage.as_path(f"s3://{bucket}/run"))
+    assert storage.glob_files(storage.as_path(f"s3://{bucket}/run/*/*.parquet")) == [path]
+    storage.remove_tree(storage.as_path(f"s3://{bucket}/run"))
+    assert not storage.exists(path)

@@ -146,6 +146,7 @@ class AtomicFile:
         with contextlib.suppress(Exception):
             if self.remote and hasattr(self.file, "discard"):
                 self.file.discard()  # an unfinished multipart upload leaves no object
+                self.file.closed = True  # never flushed later (fsspec closes on __del__)
             else:
                 self.file.close()
         with contextlib.suppress(Exception):
@@ -255,7 +256,12 @@ def is_dir(path: Path) -> bool:
     if not is_remote(path):
         return path.is_dir()
     fs, key = _fs(path)
-    return bool(fs.find(key.rstrip("/") + "/", maxdepth=None, withdirs=False))
+    if protocol_of(path) in ("s3", "s3a") and "/" in key.strip("/"):
+        # one key is enough to know: never list a prefix of a million objects for it
+        bucket, _, prefix = key.strip("/").partition("/")
+        r = fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=prefix + "/", MaxKeys=1)
+        return bool(r.get("KeyCount") or r.get("Contents"))
+    return fs.isdir(key)
 
 
 def find_files(folder: Path) -> list[Path]:
