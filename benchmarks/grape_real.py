@@ -7,7 +7,8 @@ log-likelihood under the base model, ``(1/|y|) sum_t log p(y_t | x, y_<t)``
 
 1. Instructions from the APT package descriptions of
    ``gristmill.pipeline.real_corpus`` (human writing, tens of thousands):
-   "What does the Debian package NAME do?", each with five real candidate
+   "What does the Debian package NAME do?" (packages whose long description
+   has 120-600 characters), each with five real candidate
    responses that differ in content and quality: ``short`` (its one-line
    description), ``long`` (its long description), ``first_sentence`` (the
    long description's first sentence), ``truncated`` (the long description
