@@ -64,6 +64,7 @@ def main() -> None:
     ap.add_argument("--eval-epochs", type=int, default=300)
     ap.add_argument("--dsa", action="store_true", help="DSA for the ConvNet's experts and inner loop")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=str(HERE / "_work" / "distill_cross_arch.json"))
     args = ap.parse_args()
     if args.quick:
         args.ipc, args.seeds, args.iterations, args.eval_nets, args.eval_epochs = [1], 2, 3, 1, 20
@@ -119,8 +120,8 @@ def main() -> None:
             res.setdefault("random real lr", {})[f"{dst} {ipc}"] = lr
     print(table(res, args.ipc))
     print(f"elapsed {(time.time() - t0) / 60:.1f} min")
-    (HERE / "_work").mkdir(exist_ok=True)
-    (HERE / "_work" / "distill_cross_arch.json").write_text(json.dumps(res))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res))
 
 
 def table(res: dict, ipcs: list[int]) -> str:
