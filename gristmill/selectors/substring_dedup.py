@@ -107,26 +107,30 @@ def repeated_windows(tokens: np.ndarray, record_end: np.ndarray, k: int,
     # int32 positions while they fit: the arrays here are the stage's memory peak
     idx = np.int32 if n < 2**31 - 1 else np.int64
     sa = divsufsort(tokens)
-    lcp = kasai(tokens, sa)
-    sa = sa.astype(idx, copy=False)
-    valid = (record_end[sa] - sa) >= k  # the k-gram at SA[i] lies inside one record
-    # runs of SA entries sharing their first k tokens: lcp[i] links i and i + 1
-    start = np.empty(n, dtype=bool)
-    start[0] = True
-    np.less(lcp[:-1], k, out=start[1:])
-    del lcp
+    link = kasai(tokens, sa)[:-1] >= k  # SA[i] and SA[i + 1] share their first k tokens
+    # only SA entries in runs of two or more can be repeats: work on those alone
+    multi = np.zeros(n, dtype=bool)
+    multi[:-1] = link
+    multi[1:] |= link
+    at = np.flatnonzero(multi)
+    pos = sa[at].astype(idx, copy=False)
+    del sa, multi
+    # a new run starts where an entry is not linked to the entry before it
+    start = np.ones(at.size, dtype=bool)
+    start[1:] = ~link[at[1:] - 1]
+    del link, at
     run = np.cumsum(start, dtype=idx)
     run -= 1
-    del start
-    counted = np.bincount(run, weights=valid)
+    valid = (record_end[pos] - pos) >= k  # the k-gram at pos lies inside one record
+    counted = np.bincount(run[valid], minlength=int(run[-1]) + 1 if run.size else 0)
     take = valid & (counted[run] >= 2)
     del counted, valid
     if keep == "first":
         # the first occurrence (smallest position) of each repeated k-gram stays
-        first = np.full(int(run[-1]) + 1, n, dtype=idx)
-        np.minimum.at(first, run[take], sa[take])
-        take &= sa != first[run]
-    p = sa[take]
+        first = np.full(int(run[-1]) + 1 if run.size else 0, n, dtype=idx)
+        np.minimum.at(first, run[take], pos[take])
+        take &= pos != first[run]
+    p = pos[take]
     if p.size:
         diff = np.zeros(n + 1, dtype=idx)
         np.add.at(diff, p, 1)
@@ -203,13 +207,17 @@ class SubstringDedup(GlobalStage):
         if counts.sum() == 0:
             return Removal(np.zeros(0, np.uint64), empty, empty, empty, np.zeros(1, np.int64))
         tok = np.concatenate([s[2] for s in summary])
-        starts = np.r_[0, np.cumsum(counts)[:-1]]
-        order = np.argsort(keys, kind="stable")
-        keys, counts, starts = keys[order], counts[order], starts[order]
         # the corpus in row-key order, whatever order the batches were merged in
-        gather = np.repeat(starts - np.r_[0, np.cumsum(counts)[:-1]], counts) + \
-            np.arange(counts.sum())
-        corpus = np.ascontiguousarray(tok[gather])
+        if keys.size > 1 and not (keys[1:] > keys[:-1]).all():
+            starts = np.r_[0, np.cumsum(counts)[:-1]]
+            order = np.argsort(keys, kind="stable")
+            keys, counts, starts = keys[order], counts[order], starts[order]
+            gather = np.repeat(starts - np.r_[0, np.cumsum(counts)[:-1]], counts) + \
+                np.arange(counts.sum())
+            tok = tok[gather]
+            del gather
+        corpus = np.ascontiguousarray(tok)
+        del tok
         ends = np.cumsum(counts)
         record_end = np.repeat(ends.astype(np.int32 if ends[-1] < 2**31 - 1 else np.int64),
                                counts)
