@@ -5,13 +5,13 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import keyed, state_by_id
 from pydantic import ValidationError
 
 from gristmill.pipeline.execution import partition_keys
 from gristmill.pipeline.runner import run_recipe
 from gristmill.pipeline.stage import ROW_KEY, format_key
 from gristmill.selectors.dedup import ExactDedup
-from conftest import keyed, state_by_id
 
 
 def _run_stage(stage, batches: list[pa.Table], partitions: int = 3):

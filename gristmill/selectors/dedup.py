@@ -360,8 +360,9 @@ class ExactDedup(ClusterDedup):
 
     The key is ``hash64(normalize_text(text))`` (64-bit BLAKE2b; a false match
     needs a 64-bit collision). Each cluster of equal texts keeps its best member
-    by ``keep`` (default: the longest text, then the smallest id); the others are
-    dropped with reason ``exact_duplicate`` and detail ``cluster=<c> survivor=<id>``.
+    by ``keep`` (default: the longest text, then the smallest row key); the others
+    are dropped with reason ``exact_duplicate`` and detail
+    ``cluster=<c> survivor=<file>:<line>``.
 
     Examples
     --------
