@@ -10,6 +10,13 @@ line). Two plain arms: one that validates nothing, one that runs
 ``Table.validate(full=True)`` (UTF-8 of every string) on each file it read.
 
     python benchmarks/bench_io.py --gb 1.0
+
+``--readers-against FILE`` times only the readers (``read_task`` over the same
+corpus, nothing written), the current ones against another version of
+``readers.py``, e.g. the one before issue 10:
+
+    git show 6e84e64:gristmill/pipeline/readers.py > /tmp/readers_6e84e64.py
+    python benchmarks/bench_io.py --readers-against /tmp/readers_6e84e64.py
 """
 
 from __future__ import annotations
@@ -77,6 +84,26 @@ import resource
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
+READERS = r"""
+import importlib.util, resource, sys
+from pathlib import Path
+if sys.argv[2] == "-":
+    from gristmill.pipeline import readers
+else:
+    spec = importlib.util.spec_from_file_location("readers_under_test", sys.argv[2])
+    readers = sys.modules["readers_under_test"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(readers)
+from gristmill.pipeline.recipe import SourceSpec
+rows = 0
+for i, f in enumerate(sorted(Path(sys.argv[1]).glob("*.jsonl.zst"))):
+    task = readers.InputTask(index=i, source_index=0, path=str(f), format="jsonl", label="x")
+    for t in readers.read_task(task, SourceSpec(path=str(f)), readers.FileReport(path=str(f)),
+                               10_000):
+        rows += t.num_rows
+print(rows, file=sys.stderr)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
 OURS = r"""
 import sys
 from gristmill.pipeline.runner import run_recipe
@@ -98,15 +125,38 @@ def run_child(code: str, *args: str) -> tuple[float, float, float]:
     return dt, cpu, int(res.stdout.strip().splitlines()[-1]) / 1024
 
 
+def compare_readers(src: Path, raw: int, other: Path) -> None:
+    """Current readers vs ``other`` over the corpus: both orders, three rounds, best of each."""
+    arms = {"current readers": "-", f"readers from {other.name}": str(other.resolve())}
+    wall: dict[str, list[float]] = {a: [] for a in arms}
+    cpu: dict[str, list[float]] = {a: [] for a in arms}
+    for rnd in range(3):
+        for arm in (list(arms) if rnd % 2 == 0 else list(arms)[::-1]):
+            dt, c, _ = run_child(READERS, str(src), arms[arm])
+            wall[arm].append(dt)
+            cpu[arm].append(c)
+    for arm in arms:
+        print(f"{arm:<32}: {raw / 1e6 / min(wall[arm]):8.1f} MB/s  ({min(wall[arm]):.1f} s, "
+              f"{min(cpu[arm]):.1f} CPU s)")
+    cur, old = list(arms)
+    print(f"ratio current/other readers throughput: {min(wall[old]) / min(wall[cur]):.2f}x wall, "
+          f"{min(cpu[old]) / min(cpu[cur]):.2f}x CPU")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--gb", type=float, default=1.0, help="uncompressed JSONL size")
     ap.add_argument("--files", type=int, default=8)
+    ap.add_argument("--readers-against", type=Path, default=None,
+                    help="time only the readers, against this readers.py")
     args = ap.parse_args()
     src = WORK / "corpus"
     raw = generate(src, int(args.gb * 1e9), args.files)
     comp = sum(p.stat().st_size for p in src.glob("*.zst"))
     print(f"corpus: {args.files} files, {raw / 1e6:,.0f} MB JSONL ({comp / 1e6:,.0f} MB zstd)")
+    if args.readers_against is not None:
+        compare_readers(src, raw, args.readers_against)
+        return
     recipe = WORK / "recipe.yaml"
     recipe.write_text(f"name: bench-io\nsources: [{{path: {src}}}]\n"
                       f"output: {{path: {WORK / 'ours'}, shard_size: 256MB}}\n"
