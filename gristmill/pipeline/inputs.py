@@ -31,7 +31,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import xxhash
 
@@ -167,10 +169,35 @@ def id_ledger_path(work: Path, task_index: int) -> Path:
 
 
 def _id_partition(ids: pa.Array | pa.ChunkedArray) -> pa.Array:
-    import polars as pl
+    """Partition of every id: ``mix64(sum_i mix64(byte_i | i << 8) ^ length) %
+    ID_PARTITIONS`` over the id's UTF-8 bytes, computed with numpy on the Arrow
+    buffers. A pure function of the bytes, so it is the same in every
+    process, engine and library version."""
+    from gristmill.pipeline.hashing import mix64
 
-    h = pl.Series(values=ids).fill_null("").hash(seed=0)
-    return pa.array((h % ID_PARTITIONS).cast(pl.UInt8).to_numpy(), pa.uint8())
+    arr = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
+    arr = pc.fill_null(arr.cast(pa.large_string()), "")
+    n = len(arr)
+    if n == 0:
+        return pa.array([], pa.uint8())
+    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64)[arr.offset:arr.offset + n + 1]
+    data = np.frombuffer(arr.buffers()[2], dtype=np.uint8) if arr.buffers()[2] else \
+        np.zeros(0, np.uint8)
+    start, end = offsets[0], offsets[-1]
+    body = data[start:end].astype(np.uint64)
+    lengths = np.diff(offsets)
+    pos = np.arange(body.size, dtype=np.uint64) - np.repeat(
+        (offsets[:-1] - start).astype(np.uint64), lengths)
+    with np.errstate(over="ignore"):
+        # a random 64-bit value per (byte, position), summed: collisions of two ids
+        # need their sums to collide, not merely equal weighted byte sums
+        terms = mix64(body | (pos << np.uint64(8)), seed=0, salt="id_byte")
+        sums = np.zeros(n, dtype=np.uint64)
+        nonempty = lengths > 0
+        if body.size:
+            sums[nonempty] = np.add.reduceat(terms, (offsets[:-1] - start)[nonempty])
+        h = mix64(sums ^ lengths.astype(np.uint64), seed=0, salt="id_ledger")
+    return pa.array((h % np.uint64(ID_PARTITIONS)).astype(np.uint8), pa.uint8())
 
 
 def write_id_ledger(path: Path, tables: list[pa.Table]) -> None:
