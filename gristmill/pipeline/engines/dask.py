@@ -34,6 +34,7 @@ from gristmill.pipeline.engines.local import (
     EngineResult,
     _load_state,
     execute_segments,
+    reduce_partition,
     run_task,
     task_dir,
 )
@@ -47,24 +48,9 @@ def _reduce_partition(recipe: Recipe, work: Path, segment: int, task_indices: li
                       partition: int, stage_name: str) -> pa.Table | None:
     """Read one key partition from every task's spill and reduce it (runs on a worker)."""
     started = observe.start_clock()
-    reduced = _reduce_files(recipe, work, segment, task_indices, partition, stage_name)
+    reduced = reduce_partition(recipe, work, segment, task_indices, partition, stage_name)
     observe.save_barrier_time(work, stage_name, "barrier", started)
     return reduced
-
-
-def _reduce_files(recipe: Recipe, work: Path, segment: int, task_indices: list[int],
-                  partition: int, stage_name: str) -> pa.Table | None:
-    parts = []
-    for t in task_indices:
-        f = task_dir(work, segment, t) / f"keys-{partition:04d}.arrow"
-        if f.exists():
-            with storage.open_read(f) as src:
-                parts.append(pa.ipc.open_stream(src).read_all())
-    if not parts:
-        return None
-    stage = next(s for s in recipe.build_stages() if s.name == stage_name)
-    reduced = stage.reduce(pa.concat_tables(parts))
-    return reduced if reduced is not None and reduced.num_rows else None
 
 
 def _forget_earlier_runs() -> None:

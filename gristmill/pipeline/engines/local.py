@@ -6,8 +6,10 @@ output under ``OUTPUT/_work`` atomically and then a ``done`` marker; a resumed
 run skips every task whose marker exists. Between segments rows are spilled
 as Arrow IPC files, so a global stage sees the rows exactly as the earlier
 stages left them and no stage is recomputed. Shuffle keys are spilled into
-``shuffle_partitions`` files per task (``key % P``), so memory stays bounded
-by one partition.
+``shuffle_partitions`` files per task (``key % P``) and each partition is
+reduced in a pool process (``workers > 1``), so a process holds one key
+partition (corpus / P: raise ``shuffle_partitions`` with the corpus) and the
+driver only the reduced tables (dedup: candidate pairs).
 
 ``_work`` lives in the output folder, so with an object-store output
 (``s3://...``) the spills, markers and states are objects too and any worker
@@ -291,9 +293,32 @@ def _run_task(recipe: Recipe, work: Path, segment_index: int, task: InputTask) -
     return result
 
 
+def reduce_partition(recipe: Recipe, work: Path, segment: int, task_indices: list[int],
+                     partition: int, stage_name: str) -> pa.Table | None:
+    """Read key partition ``partition`` of every task's spill and reduce it.
+
+    Runs in a worker (pool process, Dask worker), so the engine's driver holds
+    only the reduced tables (dedup: the candidate edges), never a key partition.
+    """
+    parts = []
+    for t in task_indices:
+        f = task_dir(work, segment, t) / f"keys-{partition:04d}.arrow"
+        if f.exists():
+            with storage.open_read(f) as src:
+                parts.append(pa.ipc.open_stream(src).read_all())
+    if not parts:
+        return None
+    stage = next(s for s in recipe.build_stages() if s.name == stage_name)
+    reduced = stage.reduce(pa.concat_tables(parts))
+    return reduced if reduced is not None and reduced.num_rows else None
+
+
 def finish_barrier(recipe: Recipe, work: Path, segment: Segment, tasks: list[InputTask],
-                   stage: Stage) -> Any:
-    """Merge summaries (global) or reduce and resolve keys (shuffle); save the state."""
+                   stage: Stage, map_partitions: Callable[..., list[Any]] | None = None) -> Any:
+    """Merge summaries (global) or reduce and resolve keys (shuffle); save the state.
+
+    ``map_partitions(fn, args_list)`` runs ``reduce_partition`` for every key
+    partition (in a process pool); without it they run here, one at a time."""
     seg_dir = work / f"seg{segment.index:02d}"
     state_path = seg_dir / "state.pkl"
     if state_path.exists():
@@ -307,18 +332,12 @@ def finish_barrier(recipe: Recipe, work: Path, segment: Segment, tasks: list[Inp
         # loaded one at a time as the tree merge asks for them
         state = stage.finalize(merge_all(stage, (load(t) for t in tasks)))
     else:
-        reduced = []
-        for p in range(recipe.engine.shuffle_partitions):
-            parts = []
-            for t in tasks:
-                f = task_dir(work, segment.index, t.index) / f"keys-{p:04d}.arrow"
-                if f.exists():
-                    with storage.open_read(f) as src:
-                        parts.append(pa.ipc.open_stream(src).read_all())
-            if parts:
-                r = stage.reduce(pa.concat_tables(parts))
-                if r is not None and r.num_rows:
-                    reduced.append(r)
+        indices = [t.index for t in tasks]
+        args = [(recipe, work, segment.index, indices, p, stage.name)
+                for p in range(recipe.engine.shuffle_partitions)]
+        got = (map_partitions(reduce_partition, args) if map_partitions is not None
+               else [reduce_partition(*a) for a in args])
+        reduced = [r for r in got if r is not None]  # partition order, whatever ran them
         state = stage.resolve(pa.concat_tables(reduced) if reduced else None)
     observe.save_barrier_time(work, stage.name, "barrier", started)
     atomic_write_bytes(state_path, pickle.dumps(state))
@@ -371,12 +390,23 @@ class LocalEngine:
         bar.close()
         return [results[t.index] for t in tasks]
 
+    def _map_partitions(self, fn: Callable[..., Any], args: list[tuple]) -> list[Any]:
+        """``fn(*a)`` for every ``a``, in a pool of ``workers`` processes; results in order."""
+        workers = min(self.recipe.engine.workers, len(args))
+        if workers <= 1:
+            return [fn(*a) for a in args]
+        ctx = mp.get_context("spawn")
+        with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=die_with_parent,
+                                    initargs=(os.getpid(),)) as pool:
+            return list(pool.map(fn, *zip(*args, strict=True)))
+
     def execute(self, tasks: list[InputTask], work: Path) -> EngineResult:
         _STATE_CACHE.clear()  # states of an earlier run in this process are never reused
         return execute_segments(
             self.recipe, tasks, work,
             map_tasks=lambda seg, desc: self._map(seg.index, tasks, work, desc),
-            barrier=lambda seg, stage: finish_barrier(self.recipe, work, seg, tasks, stage))
+            barrier=lambda seg, stage: finish_barrier(self.recipe, work, seg, tasks, stage,
+                                                      self._map_partitions))
 
 
 def execute_segments(recipe: Recipe, tasks: list[InputTask], work: Path,
