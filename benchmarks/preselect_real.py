@@ -231,9 +231,12 @@ def main(argv: list[str] | None = None) -> dict:
           f"target {args.target}: {len(target_dev)} dev / {len(target_test)} test pages",
           flush=True)
     args.tokenizer = str(out / "tokenizer")
+    # drawn even when the tokenizer is cached, so the probe and DCLM draws that follow
+    # from `rng` are the same in a first run and in a rerun
+    tok_sample = rng.choice(len(pool), min(4000, len(pool)), replace=False)
     if not (out / "tokenizer" / "tokenizer.json").exists():
-        sample = [pool[i]["text"] for i in rng.choice(len(pool), min(4000, len(pool)), replace=False)]
-        build_tokenizer(sample, vocab_size=args.vocab, path=args.tokenizer)
+        build_tokenizer([pool[i]["text"] for i in tok_sample], vocab_size=args.vocab,
+                        path=args.tokenizer)
     args.tok = AutoTokenizer.from_pretrained(args.tokenizer)
     if not (out / "tok" / "pool.idx").exists():
         tokenize([r["text"] for r in pool], [r["domain"] for r in pool], args.tokenizer,
