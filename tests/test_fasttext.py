@@ -145,3 +145,21 @@ def test_training_that_diverges_retries_with_a_smaller_learning_rate(tmp_path):
                              lr=10.0, epoch=50)
     assert res.hyperparameters["lr"] == 10.0 and res.hyperparameters["lr_used"] < 10.0
     assert (tmp_path / "m.bin").exists()
+
+
+def test_divergence_at_every_rate_keeps_the_training_file(tmp_path, monkeypatch):
+    """A training set that makes fastText diverge (lines with no word, a huge rate)
+    stops with an error that keeps fastText's own training file and counts its words."""
+    import warnings
+
+    from gristmill.trainers import fasttext as ft
+
+    monkeypatch.setattr(ft, "NAN_RETRIES", 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(RuntimeError, match="0 words") as err:
+            ft.train_fasttext([""] * 40, [1] * 20 + [0] * 20, tmp_path / "m.bin", lr=10,
+                              epoch=50, dim=10, valid_fraction=0)
+    kept = tmp_path / "m.bin.nan-train.txt"
+    assert str(kept) in str(err.value)
+    assert kept.read_text().splitlines()[:2] == ["__label__1 ", "__label__1 "]

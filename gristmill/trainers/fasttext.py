@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import time
 import warnings
@@ -166,8 +167,10 @@ def train_fasttext(texts: Sequence[str] | pa.Array | pa.ChunkedArray, labels: Se
                 # fastText aborts with "Encountered NaN" when a tiny or very
                 # repetitive training set makes the updates diverge; the usual
                 # remedy is a smaller learning rate
-                if "NaN" not in str(e) or attempt == NAN_RETRIES:
+                if "NaN" not in str(e):
                     raise
+                if attempt == NAN_RETRIES:
+                    raise RuntimeError(_nan_report(e, train_file, model_path, lr)) from e
                 warnings.warn(f"fastText diverged at lr={lr}; retrying with lr={lr / 2}",
                               stacklevel=2)
                 lr /= 2
@@ -189,6 +192,18 @@ def train_fasttext(texts: Sequence[str] | pa.Array | pa.ChunkedArray, labels: Se
     tmp_side.write_text(json.dumps(asdict(result), indent=2))
     os.replace(tmp_side, side)
     return result
+
+
+def _nan_report(error: Exception, train_file: Path, model_path: Path, lr: float) -> str:
+    """Keep fastText's training file beside the model and say what was in it."""
+    kept = Path(str(model_path) + ".nan-train.txt")
+    shutil.copyfile(train_file, kept)
+    lines = kept.read_text(encoding="utf-8").split("\n")[:-1]
+    words = [len(line.split()) - 1 for line in lines]  # minus the label
+    labels = sorted({line.split(" ", 1)[0] for line in lines})
+    return (f"fastText diverged ({error}) at every learning rate down to {lr}; its training "
+            f"file is kept at {kept}: {len(lines)} lines, labels {labels}, "
+            f"{sum(words)} words ({sum(w == 0 for w in words)} lines without a word)")
 
 
 def read_labelled(path: str | os.PathLike, *, text_column: str = "text",
