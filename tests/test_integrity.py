@@ -7,6 +7,8 @@ output folder.
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
 import resource
@@ -318,3 +320,38 @@ def test_id_ledger_partitions_are_a_pure_function_of_the_id_bytes():
     spread = _id_partition(pa.array([f"{i}-{i * 7}" for i in range(32_000)])).to_numpy()
     counts = np.bincount(spread, minlength=ID_PARTITIONS)
     assert counts.min() > 1_800 and counts.max() < 2_200
+
+
+class _FailingDisk(io.RawIOBase):
+    """A stream whose device fails with EIO after ``good`` bytes, as a dying disk or a
+    dropped connection does."""
+
+    def __init__(self, data: bytes, good: int) -> None:
+        self.data, self.good, self.pos = data, good, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        if self.pos >= self.good:
+            raise OSError(errno.EIO, "Input/output error")
+        n = len(self.data) if n < 0 else n
+        out = self.data[self.pos:min(self.pos + n, self.good)]
+        self.pos += len(out)
+        return out
+
+
+def test_an_io_error_in_the_middle_of_an_input_is_a_fault_not_a_short_file(tmp_path):
+    from gristmill.cli.pipeline import fault_line
+    from gristmill.pipeline.readers import FileReport, _read_blocks
+
+    data = b"".join(json.dumps({"text": f"line {i}"}).encode() + b"\n" for i in range(20_000))
+    report = FileReport(path=str(tmp_path / "big.jsonl"))
+    blocks = _read_blocks(_FailingDisk(data, good=len(data) // 2), report)
+    with pytest.raises(OSError) as info:
+        list(blocks)
+    # before: the file was "unreadable" with half its lines kept, and the run went on
+    assert report.status == "ok"
+    assert info.value.errno == errno.EIO and info.value.filename == report.path
+    line = fault_line(info.value)
+    assert line.startswith("Input/output error: ") and report.path in line

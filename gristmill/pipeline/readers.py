@@ -72,6 +72,7 @@ folder, so derived ids never collide between files of one source.
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import re
@@ -388,19 +389,25 @@ class _Normalizer:
 
 
 def _read_blocks(stream: io.IOBase, report: FileReport) -> Iterator[tuple[bytes, bool]]:
-    """Yield (block of whole lines, is_last). On a fault every whole line before it
-    is yielded, then the incomplete tail (last), and the file is marked with the
-    fault's status (``truncated``, ``corrupt``)."""
+    """Yield (block of whole lines, is_last). On a fault of the data every whole line
+    before it is yielded, then the incomplete tail (last), and the file is marked
+    with the fault's status (``truncated``, ``corrupt``). An I/O error is raised as
+    an ``OSError`` naming the file (a fault of the machine: the run stops and
+    resumes)."""
     chunks: list[bytes] = []
     size = 0
     first = True
     while True:
         try:
             chunk = stream.read(READ_CHUNK)
-        except (StreamFault, OSError) as e:
-            status = e.status if isinstance(e, StreamFault) else "unreadable"
-            message = str(e) if isinstance(e, StreamFault) else f"{type(e).__name__}: {e}"
-            report.file_error(status, message)
+        except OSError as e:
+            # a failing disk or a dropped connection is a fault of the machine, not bad
+            # data: keeping the lines before it and calling the file "unreadable" would
+            # lose the rest of the file from the output for good. Stop the run (one
+            # `gristmill:` line, exit 1); the same command resumes once it is fixed.
+            raise OSError(e.errno or errno.EIO, e.strerror or str(e), report.path) from e
+        except StreamFault as e:
+            report.file_error(e.status, str(e))
             data = b"".join(chunks)
             cut = data.rfind(b"\n")
             if cut >= 0:
