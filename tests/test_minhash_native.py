@@ -184,3 +184,24 @@ print("fell back")
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "fell back"
+
+
+def test_a_built_kernel_loads_without_importing_torch():
+    """A later process (a spawned worker) loads the built library directly: importing
+    torch would cost it ~220 MB of resident memory (issue 16)."""
+    script = """
+import sys
+import numpy as np
+from gristmill.ext import minhash_native
+from gristmill.selectors.minhash import signatures
+mod = minhash_native.module(required=True)
+h = np.arange(1, 200, dtype=np.uint32)
+sig = signatures(h, np.repeat(np.arange(4), 50)[:199], 4, 16, 1, kernel="native")
+ref = signatures(h, np.repeat(np.arange(4), 50)[:199], 4, 16, 1, kernel="numpy")
+assert np.array_equal(sig, ref)
+print("torch" in sys.modules, mod.__file__.endswith(".so"))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "False True"
