@@ -69,6 +69,29 @@ def test_per_file_ids_neither_drop_unique_documents_nor_keep_true_copies(tmp_pat
     assert ids["distinct_ids"] == 3
     assert ids["examples"][0]["id"] == "0" and ids["examples"][0]["count"] == 2
     assert ids["examples"][0]["at"] == ["in/a.jsonl:1", "in/b.jsonl:1"]
+    # the report says so too: the ids section (parsed) and the input fingerprints
+    from html.parser import HTMLParser
+
+    class Cells(HTMLParser):
+        def __init__(self) -> None:
+            super().__init__()
+            self.section, self.cells = None, {}
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "section":
+                self.section = dict(attrs).get("id")
+
+        def handle_data(self, data):
+            if self.section and data.strip():
+                self.cells.setdefault(self.section, []).append(data.strip())
+
+    page = Cells()
+    page.feed((tmp_path / "out" / "report.html").read_text())
+    assert "in/a.jsonl:1, in/b.jsonl:1" in page.cells["ids"]
+    assert m["files"][0]["xxh3_128"] in page.cells["files"]
+    shown = subprocess.run(CLI + ["inspect", str(tmp_path / "out")], capture_output=True,
+                           text=True)
+    assert "ids: 3 ids repeat over 6 records" in shown.stdout, shown.stdout + shown.stderr
 
 
 def test_a_named_source_over_several_files_derives_distinct_ids(tmp_path):

@@ -80,6 +80,13 @@ def _print_summary(manifest: dict, out: Path) -> None:
     print(f"  shards: {len(manifest['shards'])} ({total / 1e6:,.1f} MB) in {out / 'shards'}")
     if manifest.get("rejects"):
         print(f"  rejects: {c['rejected']:,} records in {out / 'rejects'}")
+    ids = manifest.get("ids") or {}
+    if ids.get("repeated_ids"):
+        first = ids["examples"][0] if ids.get("examples") else None
+        where = f"; e.g. {first['id']!r} at {', '.join(first['at'])}" if first else ""
+        print(f"  ids: {ids['repeated_ids']:,} ids repeat over "
+              f"{ids['records_with_repeated_id']:,} records (counted, never used to drop: "
+              f"records are tracked by file and line){where}")
     bad = [f for f in manifest["files"] if f.get("status") not in (None, "ok")]
     for f in bad:
         print(f"  file {f['path']}: {f['status']} ({f.get('error')})")

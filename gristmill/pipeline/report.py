@@ -567,13 +567,33 @@ def _domains(stats: dict[str, Any]) -> str:
     return f'<section id="domains"><h2>Domains (share of characters)</h2>{chart}</section>'
 
 
+def _ids(manifest: dict[str, Any]) -> str:
+    """Repeated user ids: counted, never used to drop (records are tracked by ``_key``)."""
+    ids = manifest.get("ids")
+    if not ids:
+        return ""
+    head = (f'<p class="note">Records are identified by their input file and line, never by '
+            f'their <code>id</code>. {ids.get("distinct_ids", 0):,} distinct ids; '
+            f'{ids.get("repeated_ids", 0):,} of them occur on more than one record '
+            f'({ids.get("records_with_repeated_id", 0):,} records).</p>')
+    rows = "".join(f"<tr><td><code>{_e(e['id'])}</code></td><td class='n'>{e['count']:,}</td>"
+                   f"<td>{_e(', '.join(e['at']))}</td></tr>" for e in ids.get("examples", []))
+    table = ('<table><tr><th>id</th><th class="n">records</th><th>first places (file:line)'
+             f'</th></tr>{rows}</table>') if rows else ""
+    return f'<section id="ids"><h2>Repeated ids</h2>{head}{table}</section>'
+
+
 def _files(manifest: dict[str, Any]) -> str:
     rows = "".join(
         f"<tr><td>{_e(f['path'])}</td><td>{_e(f.get('status'))}</td>"
         f"<td class='n'>{f.get('records', 0):,}</td><td class='n'>{f.get('rejected', 0):,}</td>"
-        f"<td>{_e(f.get('error') or '')}</td></tr>" for f in manifest["files"])
-    return ('<section id="files"><h2>Input files</h2><table><tr><th>file</th><th>status</th>'
-            '<th class="n">records</th><th class="n">rejected</th><th>error</th></tr>'
+        f"<td class='n'>{f.get('size', 0):,}</td><td><code>{_e(f.get('xxh3_128', ''))}</code>"
+        f"</td><td>{_e(f.get('error') or '')}</td></tr>" for f in manifest["files"])
+    return ('<section id="files"><h2>Input files</h2><p class="note">Size and xxh3_128 hash '
+            'of every input as it was read: a re-run or resume on changed inputs refuses and '
+            'names them (unless <code>--fresh</code>).</p><table><tr><th>file</th>'
+            '<th>status</th><th class="n">records</th><th class="n">rejected</th>'
+            '<th class="n">bytes</th><th>xxh3_128</th><th>error</th></tr>'
             f"{rows}</table></section>")
 
 
@@ -582,7 +602,7 @@ def render_report(out: Path, manifest: dict[str, Any], stats: dict[str, Any]) ->
     sections = [_summary(manifest), _funnel(manifest), _timing(manifest),
                 _scores(manifest, stats, out), _grape(manifest, stats), _mixtures(manifest, out),
                 _clusters(manifest, stats), _samples(manifest, stats), _lengths(stats),
-                _domains(stats), _files(manifest)]
+                _domains(stats), _ids(manifest), _files(manifest)]
     sections = [s for s in sections if s]
     nav = " ".join(f'<a href="#{m}">{m}</a>' for m in re.findall(r'<section id="([\w-]+)"',
                                                                     "".join(sections))
