@@ -41,8 +41,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
 from gristmill.pipeline.hashing import hash64, mix64, normalize_text
 from gristmill.pipeline.stage import (
@@ -311,6 +309,10 @@ class ClusterDedup(ShuffleStage):
         if self.pairwise:
             survivor = best_first_survivors(node_score, idx[e:], idx[:e])
             return self._state(nodes, survivor)
+        # imported here: scipy adds ~20 MB to every worker that loads this module
+        from scipy.sparse import coo_matrix
+        from scipy.sparse.csgraph import connected_components
+
         graph = coo_matrix((np.ones(e, dtype=np.int8), (idx[:e], idx[e:])), shape=(n, n))
         _, comp = connected_components(graph, directed=False)
         # best first within a component: score descending, then smallest row key (index)

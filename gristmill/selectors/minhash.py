@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 import struct
 from types import ModuleType
 from typing import ClassVar, Literal
@@ -141,6 +142,21 @@ def _band_probability(s: np.ndarray, b: np.ndarray, r: np.ndarray) -> np.ndarray
     return 1.0 - (1.0 - s[None, :] ** r) ** b
 
 
+def _binom_sf(need: int, n: int, p: np.ndarray) -> np.ndarray:
+    """``P[Bin(n, p) >= need]`` for each ``p``: the sum of the pmf over ``need..n`` in
+    logs (what ``scipy.stats.binom.sf(need - 1, n, p)`` gives, without importing
+    scipy.stats, which costs every worker process ~70 MB)."""
+    k = np.arange(max(need, 0), n + 1, dtype=np.float64)[None, :]
+    p = np.asarray(p, dtype=np.float64)[:, None]
+    log_choose = (math.lgamma(n + 1) - np.vectorize(math.lgamma)(k + 1)
+                  - np.vectorize(math.lgamma)(n - k + 1))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        # 0 * log(0) = 0 at the ends p = 0 (k = 0) and p = 1 (k = n)
+        a = np.where(k == 0, 0.0, k * np.log(p))
+        b = np.where(k == n, 0.0, (n - k) * np.log1p(-p))
+    return np.exp(log_choose + a + b).sum(axis=1)
+
+
 def agreements_needed(threshold: float, num_perm: int, bits: int = 32,
                       margin: float = 0.0) -> int:
     """The fewest equal sketch values ``m`` out of ``k = num_perm`` whose Jaccard
@@ -168,8 +184,6 @@ def verified_bands(threshold: float, num_perm: int, fp_weight: float = 0.5,
     >>> verified_bands(0.8, 128)
     (17, 7)
     """
-    from scipy.stats import binom
-
     pairs = np.array([(b, r) for b in range(1, num_perm + 1)
                       for r in range(1, num_perm // b + 1)], dtype=np.float64)
     b, r = pairs[:, :1], pairs[:, 1:]
@@ -177,8 +191,8 @@ def verified_bands(threshold: float, num_perm: int, fp_weight: float = 0.5,
     need = agreements_needed(threshold, num_perm, bits, margin)
     s0, w0 = _gauss_legendre(0.0, threshold, 128)
     s1, w1 = _gauss_legendre(threshold, 1.0, 128)
-    ver0 = binom.sf(need - 1, num_perm, s0 + (1.0 - s0) * c)
-    ver1 = binom.sf(need - 1, num_perm, s1 + (1.0 - s1) * c)
+    ver0 = _binom_sf(need, num_perm, s0 + (1.0 - s0) * c)
+    ver1 = _binom_sf(need, num_perm, s1 + (1.0 - s1) * c)
     fp = (_band_probability(s0, b, r) * ver0 * w0).sum(axis=1)
     fn = ((1.0 - _band_probability(s1, b, r) * ver1) * w1).sum(axis=1)
     best = int(np.argmin(fp * fp_weight + fn * fn_weight))
