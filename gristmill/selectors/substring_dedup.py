@@ -52,23 +52,18 @@ from gristmill.pipeline.stage import (
     ROW_KEY,
     GlobalStage,
     StageOutput,
-    StageParams,
     keep_all,
-    split_batch,
 )
 from gristmill.selectors.minhash import _ascii_word_table, _hash_tokens, _unicode_spaces
+from gristmill.selectors.unit_dedup import RemainderParams, keep_what_remains
 
 
-class SubstringDedupParams(StageParams):
+class SubstringDedupParams(RemainderParams):
     min_tokens: int = Field(50, ge=2, le=100_000, description="shortest repeated substring "
                             "removed, in words (Lee et al. use 50 BPE tokens)")
     keep: Literal["first", "none"] = Field("first", description="first: keep the first "
                                            "occurrence of each repeat; none: remove all, "
                                            "as the paper does")
-    min_remaining_chars: int = Field(1, ge=0, description="drop a record left with fewer "
-                                     "characters than this")
-    min_remaining_fraction: float = Field(0.0, ge=0, le=1, description="drop a record left "
-                                          "with less than this fraction of its characters")
 
 
 @dataclass
@@ -271,13 +266,8 @@ class SubstringDedup(GlobalStage):
             pieces.append(text[last:])
             texts[row] = "".join(pieces)
             new_len[row] = len(texts[row])
-        p = self.params
-        changed = removed > 0
-        too_little = changed & ((new_len < p.min_remaining_chars)
-                                | (new_len < p.min_remaining_fraction * old_len))
         col = batch.schema.get_field_index(self.text_column)
         out = batch.set_column(col, batch.schema.field(self.text_column),
                                pa.array(texts, batch.schema.field(self.text_column).type))
-        details = np.array([f"removed_tokens={n} remaining_chars={c}"
-                            for n, c in zip(removed, new_len, strict=True)], dtype=object)
-        return split_batch(out, ~too_little, self.name, self.reason, details)
+        return keep_what_remains(out, removed, old_len, new_len, self.params, self.name,
+                                 self.reason, "token")

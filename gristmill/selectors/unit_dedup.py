@@ -53,15 +53,35 @@ from gristmill.selectors.bloom import CountingBloom, bloom_size
 from gristmill.selectors.minhash import _hash_tokens
 
 
-class UnitDedupParams(StageParams):
-    max_count: int = Field(1, ge=1, le=254, description="a unit seen more than this many "
-                           "times keeps only its first holder's occurrence")
-    min_unit_chars: int = Field(10, ge=1, description="units shorter than this (after "
-                                "normalization) are never removed")
+class RemainderParams(StageParams):
+    """When a record that lost parts of its text is dropped (shared by the line,
+    paragraph and substring dedup stages)."""
+
     min_remaining_chars: int = Field(1, ge=0, description="drop a record left with fewer "
                                      "characters than this")
     min_remaining_fraction: float = Field(0.0, ge=0, le=1, description="drop a record left "
                                           "with less than this fraction of its characters")
+
+
+def keep_what_remains(out: pa.Table, removed: np.ndarray, old_len: np.ndarray,
+                      new_len: np.ndarray, params: RemainderParams, stage: str, reason: str,
+                      unit: str) -> StageOutput:
+    """Split ``out`` (texts already shortened): a record that lost something is dropped
+    when fewer than ``min_remaining_chars`` characters, or less than
+    ``min_remaining_fraction`` of its characters, remain. Every row's detail says how
+    many ``unit``s were removed and how many characters remain."""
+    too_little = (removed > 0) & ((new_len < params.min_remaining_chars)
+                                  | (new_len < params.min_remaining_fraction * old_len))
+    details = np.array([f"removed_{unit}s={n} remaining_chars={c}"
+                        for n, c in zip(removed, new_len, strict=True)], dtype=object)
+    return split_batch(out, ~too_little, stage, reason, details)
+
+
+class UnitDedupParams(RemainderParams):
+    max_count: int = Field(1, ge=1, le=254, description="a unit seen more than this many "
+                           "times keeps only its first holder's occurrence")
+    min_unit_chars: int = Field(10, ge=1, description="units shorter than this (after "
+                                "normalization) are never removed")
     expected_units: int = Field(1_000_000, ge=1, description="distinct units the Bloom "
                                 "filter is sized for (5 bytes per cell, about 14 cells per "
                                 "unit at fp_rate 0.001)")
@@ -175,19 +195,15 @@ class UnitDedup(GlobalStage):
         old_len = pc.utf8_length(pc.fill_null(batch.column(self.text_column), "")) \
             .to_numpy(zero_copy_only=False).astype(np.int64)
         new_len = pc.utf8_length(new_text).to_numpy(zero_copy_only=False).astype(np.int64)
-        changed = np.bincount(rec[remove], minlength=batch.num_rows) > 0
-        p = self.params
-        too_little = changed & ((new_len < p.min_remaining_chars)
-                                | (new_len < p.min_remaining_fraction * old_len))
+        removed = np.bincount(rec[remove], minlength=batch.num_rows)
+        changed = removed > 0
         text = batch.column(self.text_column)
         text = text.combine_chunks() if isinstance(text, pa.ChunkedArray) else text
         merged = pc.if_else(pa.array(changed), new_text.cast(text.type), text)
         out = batch.set_column(batch.schema.get_field_index(self.text_column),
                                batch.schema.field(self.text_column), merged)
-        removed = np.bincount(rec[remove], minlength=batch.num_rows)
-        details = np.array([f"removed_{self.unit}s={n} remaining_chars={c}"
-                            for n, c in zip(removed, new_len, strict=True)], dtype=object)
-        return split_batch(out, ~too_little, self.name, self.reason, details)
+        return keep_what_remains(out, removed, old_len, new_len, self.params, self.name,
+                                 self.reason, self.unit)
 
 
 class LineDedup(UnitDedup):
