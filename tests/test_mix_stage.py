@@ -10,6 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from gristmill.pipeline.registry import stage_class
+from gristmill.pipeline.stage import ROW_KEY, make_keys
 from gristmill.selectors.mix import Mix
 from gristmill.selectors.mixture import MixtureSchedule, temperature_weights
 
@@ -21,7 +22,8 @@ def _corpus() -> pa.Table:
         for i in range(n):
             rows.append((f"{dom}-{i}", "w" * (8 + 4 * (i % 7)), dom))
     ids, texts, doms = zip(*rows, strict=True)
-    return pa.table({"id": list(ids), "text": list(texts), "domain": list(doms)})
+    return pa.table({"id": list(ids), "text": list(texts), "domain": list(doms),
+                     ROW_KEY: make_keys(0, np.arange(1, len(ids) + 1))})
 
 
 def _run(stage: Mix, batches: list[pa.Table], order: list[int]):
@@ -56,18 +58,27 @@ def test_merge_order_and_batching_give_identical_output():
     assert sorted(k1.column("id").to_pylist()) == sorted(k3.column("id").to_pylist())
 
 
-def test_upsampled_domain_repeats_with_epoch_column_and_unique_ids():
+def test_upsampled_copies_keep_the_users_id_and_differ_by_epoch():
     table = _corpus()
     stage = Mix({"budget_tokens": 12_000, "sampler": "temperature", "temperature": 5.0}, seed=1)
     state, kept, dropped = _run(stage, [table.slice(0, 800), table.slice(800)], [0, 1])
     math_info = state["domains"]["math"]
     assert math_info["rate"] > 2  # math is upsampled past its size
     ids = kept.column("id").to_pylist()
-    assert len(ids) == len(set(ids))
+    keys = kept.column(ROW_KEY).to_pylist()
     epochs = np.array(kept.column("mix_epoch").to_pylist())
+    # a copy is its input record, unchanged: the user's id is never rewritten
+    id_of = dict(zip(table.column(ROW_KEY).to_pylist(), table.column("id").to_pylist(),
+                     strict=True))
+    assert all(id_of[k] == i for k, i in zip(keys, ids, strict=True))
+    assert len(set(zip(keys, epochs.tolist(), strict=True))) == kept.num_rows
+    assert len(set(ids)) < len(ids)
+    copies: dict[int, list[int]] = {}
+    for k, e in zip(keys, epochs.tolist(), strict=True):
+        copies.setdefault(k, []).append(e)
+    assert all(sorted(es) == list(range(len(es))) for es in copies.values())
     math_rows = np.array([i.startswith("math-") for i in ids])
     assert epochs[math_rows].max() == math_info["max_copies"] - 1
-    assert all(("#e" in i) == (e > 0) for i, e in zip(ids, epochs, strict=True))
     # web is downsampled: no repeats, drops recorded with the stage name.
     assert epochs[np.array([i.startswith("web-") for i in ids])].max() == 0
     assert set(dropped.column("stage").to_pylist()) == {"mix"}

@@ -90,6 +90,9 @@ import pyarrow.parquet as pq
 from gristmill.pipeline import storage
 from gristmill.pipeline.decompress import StreamFault, open_binary
 from gristmill.pipeline.recipe import SourceSpec
+from gristmill.pipeline.rejects import BATCH_CHARS as REJECT_BATCH_CHARS
+from gristmill.pipeline.rejects import BATCH_ROWS as REJECT_BATCH_ROWS
+from gristmill.pipeline.rejects import RejectsWriter
 from gristmill.pipeline.stage import KEY_POS_BITS, ROW_KEY, make_keys
 
 BLOCK_BYTES = 8 << 20
@@ -141,11 +144,38 @@ class FileReport:
     rejected: int = 0
     bytes: int = 0
     error: str | None = None
+    #: rejects not yet written out: all of them without a ``sink``, else at most one
+    #: batch (``rejects.BATCH_ROWS`` rejects or ``BATCH_CHARS`` raw characters)
     rejects: list[dict[str, Any]] = field(default_factory=list)
+    #: where the engines stream a task's rejects (``rejects.RejectsWriter``)
+    sink: RejectsWriter | None = field(default=None, repr=False, compare=False)
+    batch_rows: int = field(default=REJECT_BATCH_ROWS, repr=False, compare=False)
+    batch_chars: int = field(default=REJECT_BATCH_CHARS, repr=False, compare=False)
+    held_peak: int = field(default=0, init=False, repr=False, compare=False)  # most held at once
+    _held_chars: int = field(default=0, init=False, repr=False, compare=False)
+
+    def _add(self, reject: dict[str, Any]) -> None:
+        self.rejects.append(reject)
+        self._held_chars += len(reject["raw"] or "")
+        self.held_peak = max(self.held_peak, len(self.rejects))
+        if self.sink is not None and (len(self.rejects) >= self.batch_rows
+                                      or self._held_chars >= self.batch_chars):
+            self.flush_rejects()
+
+    def flush_rejects(self) -> None:
+        """Hand the rejects held to the sink (a no-op without one)."""
+        if self.sink is not None:
+            self.sink.write(self.rejects)
+            self.rejects, self._held_chars = [], 0
+
+    def summary(self) -> dict[str, Any]:
+        """The file's entry in the manifest (without its rejects)."""
+        return {"path": self.path, "status": self.status, "records": self.records,
+                "rejected": self.rejected, "bytes": self.bytes, "error": self.error}
 
     def reject(self, reason: str, line: int | None = None, raw: str | None = None) -> None:
-        self.rejects.append({"source": self.path, "line": line, "reason": reason,
-                             "raw": None if raw is None else raw[:MAX_RAW_CHARS]})
+        self._add({"source": self.path, "line": line, "reason": reason,
+                   "raw": None if raw is None else raw[:MAX_RAW_CHARS]})
         if line is not None:
             self.rejected += 1
             self.records += 1
@@ -154,16 +184,16 @@ class FileReport:
         """Reject every one of ``rows`` rows of the file with one reject line."""
         self.status = "rejected"
         self.error = reason
-        self.rejects.append({"source": self.path, "line": None, "rows": rows,
-                             "reason": reason, "raw": None})
+        self._add({"source": self.path, "line": None, "rows": rows, "reason": reason,
+                   "raw": None})
         self.records += rows
         self.rejected += rows
 
     def file_error(self, status: str, error: str) -> None:
         self.status = status
         self.error = error
-        self.rejects.append({"source": self.path, "line": None, "reason": f"{status}: {error}",
-                             "raw": None})
+        self._add({"source": self.path, "line": None, "reason": f"{status}: {error}",
+                   "raw": None})
 
 
 def _json_text(value: Any) -> str:

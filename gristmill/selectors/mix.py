@@ -10,7 +10,13 @@ and ``apply`` keeps every record floor(r_d) times plus once more when
 uniform(seed, row key) < theta_d, where theta_d is frac(r_d) rounded to the grid of
 a per-domain histogram of uniform draws (``HIST_BINS`` bins) so that the
 realized token count is known exactly from the summaries, without a second
-pass. Copies after the first get ``id#e<k>`` as id and ``mix_epoch = k``.
+pass. Every kept row gets ``mix_epoch`` (int32): 0 for a record's first
+copy, k for its (k+1)-th. A copy keeps the record's columns unchanged, its
+``id`` (user data) and its row key (``_key``, the input position) included,
+so ``(_key, mix_epoch)`` is unique in the output. A stage after ``mix``
+identifies records by ``_key`` as everywhere: it decides per input record and
+its decision applies to every copy (``sample`` keeps or drops all copies of a
+record, a dedup stage keeps or drops all copies of a duplicate).
 
 All randomness is ``uniform(seed, row key)``, so every engine and every
 partitioning keeps the same records the same number of times.
@@ -256,12 +262,9 @@ class Mix(GlobalStage):
             # epoch k of a row: position of the copy within its run of repeats.
             starts = np.repeat(np.cumsum(kept_copies) - kept_copies, kept_copies)
             epoch = np.arange(idx.size) - starts
+            # the user's id and the row key are the input record's, unchanged: a
+            # copy is told apart by its epoch, (row key, mix_epoch) is unique
             kept = kept.take(pa.array(idx))
-            ids = np.asarray(kept.column("id").to_pylist(), dtype=object)
-            rep = epoch > 0
-            ids[rep] = [f"{i}#e{e}" for i, e in zip(ids[rep], epoch[rep], strict=True)]
-            kept = kept.set_column(kept.schema.get_field_index("id"), "id",
-                                   pa.array(ids.tolist(), pa.string()))
         else:
             epoch = np.zeros(kept.num_rows, dtype=np.int64)
         kept = kept.append_column("mix_epoch", pa.array(epoch, pa.int32()))

@@ -57,6 +57,7 @@ from gristmill.pipeline.execution import (
 from gristmill.pipeline.inputs import InputReader, id_ledger_path
 from gristmill.pipeline.readers import FileReport, InputTask
 from gristmill.pipeline.recipe import Recipe, RecipeError
+from gristmill.pipeline.rejects import RejectsWriter
 from gristmill.pipeline.stage import DROPPED_SCHEMA, GlobalStage, Stage
 from gristmill.pipeline.writers import (
     AtomicFile,
@@ -84,8 +85,10 @@ def _audit(segment: int, stats: TaskStats, dropped: list[pa.Table] | None,
     if dropped:
         out["dropped"] = pa.concat_tables(dropped).cast(DROPPED_SCHEMA)
     if report is not None:
-        out["file"] = {k: v for k, v in asdict(report).items() if k != "rejects"}
-        out["rejects"] = report.rejects
+        # the rejects themselves were streamed to the task's rejects file as read
+        report.flush_rejects()
+        out["file"] = report.summary()
+        out["rejects_file"] = str(report.sink.path) if report.sink.close() else None
     return out
 
 
@@ -103,7 +106,8 @@ def _build_pipeline(beam, p, recipe: Recipe, tasks: list[InputTask], work: Path)
         def process(self, task_fields: dict[str, Any]):
             task = InputTask(**task_fields)
             spec = self.recipe.sources[task.source_index]
-            report = FileReport(path=task.path)
+            report = FileReport(path=task.path, sink=RejectsWriter(
+                task_dir(work, 0, task.index) / "rejects.jsonl"))
             stats = TaskStats()
             dropped: list[pa.Table] | None = [] if self.recipe.output.write_dropped else None
             inputs = InputReader(task, spec, report, self.recipe.engine.batch_size,
@@ -244,12 +248,8 @@ def _build_pipeline(beam, p, recipe: Recipe, tasks: list[InputTask], work: Path)
                     dropped_by_segment.setdefault(audit["segment"], []).append(audit["dropped"])
                 if "file" in audit:
                     result["file"] = audit["file"]
-                    if audit["rejects"]:
-                        body = "".join(json.dumps(r, ensure_ascii=False) + "\n"
-                                       for r in audit["rejects"])
-                        path = task_dir(work, 0, index) / "rejects.jsonl"
-                        atomic_write_bytes(path, body.encode())
-                        result["rejects_file"] = str(path)
+                    if audit["rejects_file"]:
+                        result["rejects_file"] = audit["rejects_file"]
             for seg, tables in sorted(dropped_by_segment.items()):
                 table = pa.concat_tables(tables)
                 # the row order of drops is the batch order, as the local engine writes it

@@ -48,6 +48,7 @@ from gristmill.pipeline.execution import (
 from gristmill.pipeline.inputs import InputReader, id_ledger_path
 from gristmill.pipeline.readers import FileReport, InputTask
 from gristmill.pipeline.recipe import Recipe
+from gristmill.pipeline.rejects import RejectsWriter
 from gristmill.pipeline.stage import DROPPED_SCHEMA, GlobalStage, ShuffleStage, Stage, merge_all
 from gristmill.pipeline.storage import AtomicFile
 from gristmill.pipeline.writers import ShardWriter, atomic_write_bytes
@@ -214,7 +215,7 @@ def _run_task(recipe: Recipe, work: Path, segment_index: int, task: InputTask) -
     entry_state = None
     if segment.entry is not None:
         entry_state = _load_state(work / f"seg{segment.index - 1:02d}" / "state.pkl")
-    report = FileReport(path=task.path)
+    report = FileReport(path=task.path, sink=RejectsWriter(out / "rejects.jsonl"))
     stats = TaskStats()
     dropped: list[pa.Table] | None = [] if recipe.output.write_dropped else None
     dropped_writer = DroppedWriter(out / "dropped.parquet") if dropped is not None else None
@@ -281,12 +282,10 @@ def _run_task(recipe: Recipe, work: Path, segment_index: int, task: InputTask) -
     if dropped_writer is not None and dropped_writer.close():
         result["dropped_file"] = str(out / "dropped.parquet")
     if segment.index == 0:
-        if report.rejects:
-            body = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in report.rejects)
-            atomic_write_bytes(out / "rejects.jsonl", body.encode())
+        report.flush_rejects()
+        if report.sink.close():
             result["rejects_file"] = str(out / "rejects.jsonl")
-        result["file"] = {**{k: v for k, v in report.__dict__.items() if k != "rejects"},
-                          **inputs.fingerprint}
+        result["file"] = {**report.summary(), **inputs.fingerprint}
     result["stats"] = stats.to_json()
     # compact: the marker carries the task's samples, and indented JSON is the slow encoder
     atomic_write_bytes(marker, json.dumps(result, default=str).encode())
