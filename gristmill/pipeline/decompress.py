@@ -143,3 +143,39 @@ def open_binary(path: str, tap: Callable[[bytes], Any] | None = None) -> io.IOBa
         return DecompressedStream(path, "zst", tap)
     f = storage.open_read(path)
     return f if tap is None else TappedFile(f, tap)
+
+
+class RangeFile:
+    """Bytes ``[start, end)`` of a file (a piece of a split input, see ``splits``),
+    read with ordinary reads after one seek; ``tap`` sees every byte read."""
+
+    def __init__(self, path: str, start: int, end: int,
+                 tap: Callable[[bytes], Any] | None = None) -> None:
+        self._f = storage.open_read(path)
+        self._f.seek(start)
+        self._left = end - start
+        self._tap = tap
+
+    def read(self, n: int = -1) -> bytes:
+        if self._left <= 0:
+            return b""
+        data = self._f.read(self._left if n < 0 else min(n, self._left))
+        self._left -= len(data)
+        if self._tap is not None:
+            self._tap(data)
+        return data
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> RangeFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_range(path: str, start: int, end: int,
+               tap: Callable[[bytes], Any] | None = None) -> RangeFile:
+    """Bytes ``[start, end)`` of an uncompressed file, local or an object-store URL."""
+    return RangeFile(path, start, end, tap)

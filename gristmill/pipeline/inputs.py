@@ -27,6 +27,9 @@ Repeated ids
 
 from __future__ import annotations
 
+import contextlib
+import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -108,10 +111,10 @@ def refuse_changed_inputs(changes: list[str], out: Path, what: str) -> None:
 
 
 class _TapHash:
-    """xxh3_128 of the bytes handed to it, and how many there were."""
+    """xxh3_128 (or another xxHash) of the bytes handed to it, and how many there were."""
 
-    def __init__(self) -> None:
-        self._h = xxhash.xxh3_128()
+    def __init__(self, algorithm: Any = xxhash.xxh3_128) -> None:
+        self._h = algorithm()
         self.size = 0
 
     def __call__(self, data: bytes) -> None:
@@ -140,27 +143,66 @@ class InputReader:
         # a vanished or unreadable (permissions) input is a fault of the machine, not
         # bad data: it stops the run with one line (exit 1), and the run resumes once
         # the cause is fixed; an input that opens but cannot be parsed is a reject
-        before = stat_file(self.task.path)
-        with storage.open_read(self.task.path):
+        task = self.task
+        before = stat_file(task.path)
+        planned = task.planned
+        if planned is not None and (before["size"], before["mtime_ns"]) != (
+                planned["size"], planned["mtime_ns"]):
+            raise InputChangedDuringRun(
+                f"input {task.path} changed after the run split it into {task.parts} tasks "
+                f"(size {planned['size']} -> {before['size']} bytes, mtime_ns "
+                f"{planned['mtime_ns']} -> {before['mtime_ns']}); rerun when the input is stable")
+        with storage.open_read(task.path):
             pass
         ids: list[pa.Table] = []
-        tapped = _TapHash()
-        for batch in read_task(self.task, self.spec, self.report, self.batch_size, tapped):
-            if self.ledger_path is not None:
-                ids.append(batch.select(["id", ROW_KEY]))
-            yield batch
-        after = stat_file(self.task.path)
+        # a piece of a split JSONL file hashes its own range against the plan's hash
+        tapped = _TapHash(xxhash.xxh3_64 if planned is not None else xxhash.xxh3_128)
+        with self._one_download(tapped) as local_copy:
+            for batch in read_task(task, self.spec, self.report, self.batch_size, tapped,
+                                   local_copy):
+                if self.ledger_path is not None:
+                    ids.append(batch.select(["id", ROW_KEY]))
+                yield batch
+        after = stat_file(task.path)
         if after != before:
             raise InputChangedDuringRun(
-                f"input {self.task.path} changed while it was read (size {before['size']} -> "
+                f"input {task.path} changed while it was read (size {before['size']} -> "
                 f"{after['size']}); rerun when the input is stable")
-        # the bytes hashed as they were read, when the reader read all of them in order
-        # (JSONL); else (Parquet, a file that ended in a fault) read again to hash it
-        digest = tapped.hexdigest() if tapped.size == after["size"] else \
-            hash_file(self.task.path)
+        if planned is not None:
+            if task.format == "jsonl" and (tapped.size != task.end - task.start
+                                           or tapped.hexdigest() != planned.get("range_xxh3_64")):
+                raise InputChangedDuringRun(
+                    f"input {task.path} changed after the run split it: bytes {task.start}.."
+                    f"{task.end} differ from the planned ones; rerun when the input is stable")
+            digest = planned[HASH_NAME]  # the planning pass hashed the whole file
+        else:
+            # the bytes hashed as they were read, when the reader read all of them in
+            # order (JSONL; a Parquet object downloaded once); else (a local Parquet
+            # file, a file that ended in a fault) read again to hash it
+            digest = tapped.hexdigest() if tapped.size == after["size"] else \
+                hash_file(task.path)
         self.fingerprint = {**after, HASH_NAME: digest}
         if self.ledger_path is not None:
             write_id_ledger(self.ledger_path, ids)
+
+    @contextlib.contextmanager
+    def _one_download(self, tap: _TapHash) -> Iterator[str | None]:
+        """A whole Parquet object on an object store is downloaded once, to a local
+        temporary file, hashed on the way; the reader reads that file (pyarrow's
+        ranged reads and a second download to hash it would read it twice). Yields
+        None for everything else (read where it is)."""
+        task = self.task
+        if task.format != "parquet" or task.planned is not None or \
+                not storage.is_remote(task.path):
+            yield None
+            return
+        with tempfile.TemporaryDirectory(prefix="gristmill-input-") as folder:
+            local = os.path.join(folder, "input.parquet")
+            with storage.open_read(task.path) as src, open(local, "wb") as dst:
+                while chunk := src.read(8 << 20):
+                    tap(chunk)
+                    dst.write(chunk)
+            yield local
 
 
 def id_ledger_path(work: Path, task_index: int) -> Path:

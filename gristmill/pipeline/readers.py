@@ -88,7 +88,7 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from gristmill.pipeline import storage
-from gristmill.pipeline.decompress import StreamFault, open_binary
+from gristmill.pipeline.decompress import StreamFault, open_binary, open_range
 from gristmill.pipeline.recipe import SourceSpec
 from gristmill.pipeline.rejects import BATCH_CHARS as REJECT_BATCH_CHARS
 from gristmill.pipeline.rejects import BATCH_ROWS as REJECT_BATCH_ROWS
@@ -119,7 +119,10 @@ def sft_schema(extra: list[str] | None = None) -> pa.Schema:
 
 @dataclass
 class InputTask:
-    """One unit of input work: a file of a source. Engines distribute these."""
+    """One unit of input work: a file of a source, or a piece of a big one
+    (``splits``: a JSONL byte range of whole lines, a run of Parquet row groups).
+    Engines distribute these; ``index`` orders them (output names), ``file_index``
+    names the file in row keys, so a piece's keys are the unsplit file's keys."""
 
     index: int
     source_index: int
@@ -128,10 +131,28 @@ class InputTask:
     label: str  # the `source` column: the source's name, else the file's path
     size: int = 0
     file_label: str = ""  # the file's path relative to the recipe folder; derived ids
+    file_index: int = -1  # the input file's index (row keys); -1: the same as ``index``
+    part: int = 0  # which piece of the file this task reads, of ``parts``
+    parts: int = 1
+    start: int = 0  # JSONL piece: bytes [start, end) of whole lines, the first one
+    end: int = -1  # numbered ``first_line``; end -1: the whole file
+    first_line: int = 1
+    row_groups: list[int] | None = None  # Parquet piece: its row groups, the first
+    first_row: int = 0  # one starting at row ``first_row`` of the file
+    #: the file as the split plan saw it: size, mtime_ns, xxh3_128, and the piece's
+    #: ``range_xxh3_64`` (JSONL); a task refuses a file that no longer matches
+    planned: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if not self.file_label:
             self.file_label = self.label
+        if self.file_index < 0:
+            self.file_index = self.index
+
+    @property
+    def is_piece(self) -> bool:
+        """True for a task that reads part of a split file."""
+        return self.parts > 1
 
 
 @dataclass
@@ -333,7 +354,7 @@ class _Normalizer:
             report.reject("a carried value nests too deeply to be written as JSON text", line, raw)
             return None
         out["source"] = self.task.label
-        out[ROW_KEY] = (self.task.index << KEY_POS_BITS) | line
+        out[ROW_KEY] = (self.task.file_index << KEY_POS_BITS) | line
         return out
 
     # -- fast path: a table parsed by pyarrow, or read from Parquet --------------------------
@@ -367,7 +388,7 @@ class _Normalizer:
         else:
             cols["domain"] = pa.nulls(n, pa.string())
         cols["source"] = pa.array([self.task.label] * n, pa.string())
-        cols[ROW_KEY] = make_keys(self.task.index, positions)
+        cols[ROW_KEY] = make_keys(self.task.file_index, positions)
         schema = self.schema
         for c in self.spec.columns:
             cols[c] = table.column(c) if c in names else pa.nulls(n, pa.string())
@@ -418,15 +439,17 @@ class _Normalizer:
         return True
 
 
-def _read_blocks(stream: io.IOBase, report: FileReport) -> Iterator[tuple[bytes, bool]]:
-    """Yield (block of whole lines, is_last). On a fault of the data every whole line
-    before it is yielded, then the incomplete tail (last), and the file is marked
-    with the fault's status (``truncated``, ``corrupt``). An I/O error is raised as
-    an ``OSError`` naming the file (a fault of the machine: the run stops and
-    resumes)."""
+def _read_blocks(stream: io.IOBase, report: FileReport,
+                 at_start: bool = True) -> Iterator[tuple[bytes, bool]]:
+    """Yield (block of whole lines, is_last); a byte order mark is skipped only
+    ``at_start`` of the file (a piece of a split file starts later). On a fault
+    of the data every whole line before it is yielded, then the incomplete tail
+    (last), and the file is marked with the fault's status (``truncated``,
+    ``corrupt``). An I/O error is raised as an ``OSError`` naming the file (a
+    fault of the machine: the run stops and resumes)."""
     chunks: list[bytes] = []
     size = 0
-    first = True
+    first = at_start
     while True:
         try:
             chunk = stream.read(READ_CHUNK)
@@ -624,14 +647,15 @@ def _has_lone_surrogate(obj: Any) -> bool:
 def read_jsonl(task: InputTask, spec: SourceSpec, report: FileReport,
                batch_size: int, tap: Callable[[bytes], Any] | None = None) -> Iterator[pa.Table]:
     reader = _JsonlBlockReader(task, spec, report, batch_size)
-    line_no = 1
+    line_no = task.first_line
     try:
-        stream = open_binary(task.path, tap)
+        stream = (open_range(task.path, task.start, task.end, tap) if task.end >= 0
+                  else open_binary(task.path, tap))
     except OSError as e:
         report.file_error("unreadable", f"{type(e).__name__}: {e}")
         return
     with stream:
-        for block, last in _read_blocks(stream, report):
+        for block, last in _read_blocks(stream, report, at_start=task.start == 0):
             got = reader.fast(block, line_no)
             if got is not None:
                 out, n_lines = got
@@ -643,8 +667,8 @@ def read_jsonl(task: InputTask, spec: SourceSpec, report: FileReport,
             incomplete = last and report.status in ("truncated", "corrupt")
             yield from reader.careful(block, line_no, incomplete)
             line_no += block.count(b"\n") + (0 if block.endswith(b"\n") else 1)
-    if report.records == 0 and report.status == "ok":
-        report.file_error("empty", "no records in file")
+    if report.records == 0 and report.status == "ok" and not task.is_piece:
+        report.file_error("empty", "no records in file")  # a split file: see splits.merge
 
 
 def _parquet_plan(norm: _Normalizer, schema: pa.Schema) -> tuple[list[str], str | None]:
@@ -696,10 +720,13 @@ def _canonical_parquet(table: pa.Table, norm: _Normalizer) -> pa.Table:
 
 
 def read_parquet(task: InputTask, spec: SourceSpec, report: FileReport,
-                 batch_size: int) -> Iterator[pa.Table]:
+                 batch_size: int, local_copy: str | None = None) -> Iterator[pa.Table]:
+    """Rows of a Parquet file, or of the piece's row groups (``task.row_groups``);
+    ``local_copy``: a local file holding the object's bytes, read instead of it."""
     norm = _Normalizer(spec, task)
     try:
-        pf = pq.ParquetFile(storage.open_read(task.path) if storage.is_remote(task.path)
+        pf = pq.ParquetFile(local_copy if local_copy is not None else
+                            storage.open_read(task.path) if storage.is_remote(task.path)
                             else task.path)
         schema = pf.schema_arrow
     except (pa.ArrowException, OSError) as e:
@@ -708,13 +735,15 @@ def read_parquet(task: InputTask, spec: SourceSpec, report: FileReport,
     total = pf.metadata.num_rows
     columns, problem = _parquet_plan(norm, schema)
     if problem is not None:
-        report.reject_rows(f"{problem}: all {total} rows rejected, nothing cast", total)
+        if task.part == 0:  # the first piece of a split file rejects the whole file
+            report.reject_rows(f"{problem}: all {total} rows rejected, nothing cast", total)
         return
     carried_types = {c: schema.field(c).type for c in spec.columns if c in schema.names}
     f = spec.fields
-    row0 = 0
+    row0 = task.first_row
     try:
-        for rb in pf.iter_batches(batch_size=batch_size, columns=columns):
+        for rb in pf.iter_batches(batch_size=batch_size, columns=columns,
+                                  row_groups=task.row_groups):
             table = pa.Table.from_batches([rb])
             n = table.num_rows
             report.bytes += table.nbytes
@@ -757,18 +786,21 @@ def read_parquet(task: InputTask, spec: SourceSpec, report: FileReport,
     except (pa.ArrowException, OSError) as e:
         report.file_error("corrupt", f"{type(e).__name__}: {e} (after row {row0} of {total}; "
                           "the rows before are kept)")
-    if report.records == 0 and report.status == "ok":
+    if report.records == 0 and report.status == "ok" and not task.is_piece:
         report.file_error("empty", "no rows in file")
 
 
 def read_task(task: InputTask, spec: SourceSpec, report: FileReport,
-              batch_size: int, tap: Callable[[bytes], Any] | None = None) -> Iterator[pa.Table]:
-    """Stream one input file as canonical Arrow tables of at most ``batch_size`` rows.
+              batch_size: int, tap: Callable[[bytes], Any] | None = None,
+              local_copy: str | None = None) -> Iterator[pa.Table]:
+    """Stream one input file (or the piece of it a task names) as canonical Arrow
+    tables of at most ``batch_size`` rows.
 
     ``tap`` sees the raw bytes of a JSONL file as they are read (the caller hashes
-    them); a Parquet file is read by ranges, not in order, and is not tapped."""
+    them); a Parquet file is read by ranges, not in order, and is not tapped
+    (``local_copy``: a local file with the object's bytes, read instead)."""
     tables = (read_jsonl(task, spec, report, batch_size, tap) if task.format == "jsonl"
-              else read_parquet(task, spec, report, batch_size))
+              else read_parquet(task, spec, report, batch_size, local_copy))
     for table in tables:
         if table.num_rows:
             yield table

@@ -131,6 +131,21 @@ class EngineSpec(_Model):
     scheduler: str | None = Field(None, description="dask: address of an existing scheduler")
     runner: str | None = Field(None, description="beam: runner name (default: a local runner)")
     beam_options: dict[str, Any] = Field(default_factory=dict)
+    split_size: int | str | None = Field(
+        "256MB", validate_default=True,
+        description="an uncompressed JSONL or a Parquet file larger than this is read by "
+                    "several tasks (line-aligned byte ranges, runs of row groups); null or 0: "
+                    "one task per file (see gristmill.pipeline.splits)")
+
+    @field_validator("split_size")
+    @classmethod
+    def _split(cls, v: int | str | None) -> int | None:
+        if v is None:
+            return None
+        n = parse_size(v)
+        if n < 0:
+            raise ValueError("split_size must be a size >= 0 (0 or null: never split)")
+        return n or None
 
 
 _STAGE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}")

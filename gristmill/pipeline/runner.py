@@ -21,6 +21,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -42,6 +43,7 @@ from gristmill.pipeline.inputs import (
 from gristmill.pipeline.observe import barrier_times, merge_timings, stage_timings
 from gristmill.pipeline.readers import InputTask
 from gristmill.pipeline.recipe import Recipe, RecipeError, check_recipe, load_recipe
+from gristmill.pipeline.splits import empty_reject, merge_files, plan_splits, split_tasks
 from gristmill.pipeline.writers import atomic_write_bytes, atomic_write_json
 
 OUTPUT_ENTRIES = ("shards", "rejects", "dropped", "artifacts", "tokenized", "_work",
@@ -216,16 +218,20 @@ def run_recipe(recipe: Recipe | str | Path, *, fresh: bool = False, engine: str 
                 refuse_changed_inputs(input_changes(recorded, list_tasks(recipe),
                                                     check_hash=True), out, "output")
                 return old  # complete already, on the same inputs
-        tasks = list_tasks(recipe)
+        files = list_tasks(recipe)
         if run_info.exists():
             prev = json.loads(run_info.read_text())
             if prev.get("fingerprint") != fingerprint:
                 raise RecipeError(
                     f"{out} holds a partial run of a different recipe; use --fresh to start over")
-            refuse_changed_inputs(input_changes(prev.get("inputs", []), tasks), out,
+            refuse_changed_inputs(input_changes(prev.get("inputs", []), files), out,
                                   "partial run")
+            plans = prev.get("splits", {})  # the plan of the run it resumes, not a new pass
         else:
-            atomic_write_json(run_info, {"fingerprint": fingerprint, "inputs": listing(tasks)})
+            plans = plan_splits(files, recipe.engine.split_size)
+            atomic_write_json(run_info, {"fingerprint": fingerprint, "inputs": listing(files),
+                                         "splits": plans})
+        tasks = split_tasks(files, plans)
         result = make_engine(recipe, progress).execute(tasks, work)
         lock.check()  # an object-store lock taken over by another run: publish nothing
         manifest = _commit(recipe, out, tasks, result, fingerprint, t0)
@@ -239,6 +245,43 @@ def run_recipe(recipe: Recipe | str | Path, *, fresh: bool = False, engine: str 
         return manifest
 
 
+def _publish_rejects(out: Path, tasks: list[InputTask], result: EngineResult,
+                     files: list[dict[str, Any]]) -> list[str]:
+    """Publish one rejects file per input file, ``rejects/part-<file index>.jsonl``:
+    a file's task's file moved, or a split file's pieces' files concatenated in
+    order (plus the ``empty`` line when no piece found a record). Idempotent: a
+    published file is not written again, and its pieces are removed after it."""
+    status = {f["index"]: f.get("status") for f in files}
+    by_file: dict[int, list[Any]] = {}
+    for tr in result.tasks:
+        by_file.setdefault(tasks[tr.index].file_index, []).append(tr)
+    published = []
+    for index, trs in by_file.items():
+        dst = out / "rejects" / f"part-{index:05d}.jsonl"
+        srcs = [storage.as_path(tr.rejects_file) for tr in trs if tr.rejects_file]
+        first = tasks[trs[0].index]
+        if not first.is_piece:
+            if srcs:
+                _move(srcs[0], dst)
+                published.append(str(dst.relative_to(out)))
+            continue
+        empty = status.get(index) == "empty"
+        if not srcs and not empty:
+            continue
+        if not dst.exists():
+            with storage.AtomicFile(dst) as sink:
+                for src in srcs:
+                    with storage.open_read(src) as f:
+                        shutil.copyfileobj(f, sink.file, 8 << 20)
+                if empty:
+                    line = json.dumps(empty_reject(first), ensure_ascii=False) + "\n"
+                    sink.file.write(line.encode())
+        for src in srcs:
+            storage.remove(src)
+        published.append(str(dst.relative_to(out)))
+    return published
+
+
 def _commit(recipe: Recipe, out: Path, tasks: list[InputTask], result: EngineResult,
             fingerprint: str, t0: float) -> dict[str, Any]:
     shards: list[dict[str, Any]] = []
@@ -249,12 +292,11 @@ def _commit(recipe: Recipe, out: Path, tasks: list[InputTask], result: EngineRes
             src = result.final_dir / f"task-{tr.index:05d}" / "shards" / sh["path"]
             _move(src, out / "shards" / name)
             shards.append({**sh, "path": f"shards/{name}"})
-    rejects_files, dropped_files = [], []
+    # one entry and one rejects file per input file, whatever its number of tasks
+    per_file = merge_files([tasks[tr.index] for tr in result.tasks],
+                           [tr.file for tr in result.tasks])
+    rejects_files, dropped_files = _publish_rejects(out, tasks, result, per_file), []
     for tr in result.tasks:
-        if tr.rejects_file:
-            dst = out / "rejects" / f"part-{tr.index:05d}.jsonl"
-            _move(storage.as_path(tr.rejects_file), dst)
-            rejects_files.append(str(dst.relative_to(out)))
         for f in tr.dropped_files:
             seg = storage.as_path(f).parent.parent.name
             dst = out / "dropped" / f"{seg}-task-{tr.index:05d}.parquet"
@@ -270,8 +312,7 @@ def _commit(recipe: Recipe, out: Path, tasks: list[InputTask], result: EngineRes
     for tr in result.tasks:
         stats.merge(tr.stats)
     merge_timings(stats.timings, barrier_times(result.final_dir.parent))
-    files = [{**tr.file, "path": tasks[tr.index].file_label, "source": tasks[tr.index].label,
-              "index": tr.index} for tr in result.tasks]
+    files = per_file
     read = sum(f.get("records", 0) for f in files)
     rejected = sum(f.get("rejected", 0) for f in files)
     written = sum(s["rows"] for s in shards)
@@ -302,7 +343,7 @@ def _commit(recipe: Recipe, out: Path, tasks: list[InputTask], result: EngineRes
         "schema": schema,
         "counts": counts,
         "ids": repeated_ids([id_ledger_path(result.final_dir.parent, t.index) for t in tasks],
-                            {t.index: t.file_label for t in tasks}),
+                            {t.file_index: t.file_label for t in tasks}),
         "files": files,
         "rejects": rejects_files,
         "dropped": dropped_files,
