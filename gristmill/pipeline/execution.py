@@ -72,8 +72,48 @@ def plan_segments(stages: list[Stage]) -> list[Segment]:
 
 
 def text_lengths(batch: pa.Table) -> np.ndarray:
-    col = "text" if "text" in batch.column_names else "prompt"
-    return pc.utf8_length(batch.column(col)).to_numpy(zero_copy_only=False).astype(np.int64)
+    """Characters of every record's text (or prompt).
+
+    A chunk whose bytes are all ASCII (checked with numpy, several times faster
+    than counting code points) has one character per byte: its lengths are the
+    differences of its offsets. Any other chunk is counted by ``utf8_length``.
+    """
+    col = batch.column("text" if "text" in batch.column_names else "prompt")
+    parts = [_chunk_lengths(chunk) for chunk in col.chunks]
+    if not parts:
+        return np.zeros(0, np.int64)
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def _chunk_lengths(chunk: pa.Array) -> np.ndarray:
+    offset_type = {pa.string(): np.int32, pa.large_string(): np.int64}.get(chunk.type)
+    if offset_type is not None and not chunk.null_count and len(chunk):
+        bufs = chunk.buffers()
+        offsets = np.frombuffer(bufs[1], offset_type)[chunk.offset:chunk.offset + len(chunk) + 1]
+        data = (np.frombuffer(bufs[2], np.uint8)[offsets[0]:offsets[-1]] if bufs[2] is not None
+                else np.zeros(0, np.uint8))
+        if not data.size or data.max() < 0x80:
+            return np.diff(offsets).astype(np.int64)
+    return pc.utf8_length(chunk).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def _batch_figures(batch: pa.Table) -> tuple[np.ndarray, list[tuple[str, int, int]]]:
+    """Length histogram of a batch and its (domain, docs, chars) in first-seen order."""
+    lengths = text_lengths(batch)
+    hist = np.histogram(lengths, bins=np.append(LENGTH_BINS, np.iinfo(np.int64).max))[0]
+    if "domain" not in batch.column_names:
+        return hist, [("(none)", int(lengths.size), int(lengths.sum()))] if lengths.size else []
+    dom = batch.column("domain")
+    if dom.null_count:
+        dom = pc.fill_null(dom, "(none)")
+    enc = pc.dictionary_encode(dom.combine_chunks() if isinstance(dom, pa.ChunkedArray) else dom)
+    idx = enc.indices.to_numpy(zero_copy_only=False)
+    k = len(enc.dictionary)
+    docs = np.bincount(idx, minlength=k)
+    # float64 sums are exact below 2**53 characters, far above any batch
+    chars = np.rint(np.bincount(idx, weights=lengths, minlength=k)).astype(np.int64)
+    return hist, [(d, int(n), int(c)) for d, n, c in
+                  zip(enc.dictionary.to_pylist(), docs, chars, strict=True) if n]
 
 
 @dataclass
@@ -90,6 +130,9 @@ class TaskStats:
     samples: dict[str, Any] = field(default_factory=dict)
     columns: dict[str, Any] = field(default_factory=dict)
     clusters: dict[str, Any] = field(default_factory=dict)
+    #: (batch, histogram, per-domain figures) of the last batch observed; not merged or saved
+    _last: tuple[pa.Table, np.ndarray, list[tuple[str, int, int]]] | None = field(
+        default=None, repr=False, compare=False)
 
     def count(self, stage: str, n_in: int, out: StageOutput) -> None:
         c = self.counts.setdefault(stage, {"in": 0, "kept": 0, "added": 0, "dropped": {}})
@@ -103,21 +146,22 @@ class TaskStats:
                 c["dropped"][item["values"]] = c["dropped"].get(item["values"], 0) + item["counts"]
 
     def observe(self, batch: pa.Table, where: str) -> None:
-        """Length histogram and per-domain docs/chars, at the input or the output."""
-        lengths = text_lengths(batch)
-        hist = np.histogram(lengths, bins=np.append(LENGTH_BINS, np.iinfo(np.int64).max))[0]
+        """Length histogram and per-domain docs/chars, at the input or the output.
+
+        The figures of the last batch observed are kept with it: a batch that no
+        stage changed (the same table object at the output as at the input) is
+        counted again without being measured again.
+        """
+        if self._last is not None and self._last[0] is batch:
+            hist, per_domain = self._last[1], self._last[2]
+        else:
+            hist, per_domain = _batch_figures(batch)
+            self._last = (batch, hist, per_domain)
         attr = f"length_hist_{where}"
         cur = getattr(self, attr)
-        setattr(self, attr, hist if cur is None else cur + hist)
+        setattr(self, attr, hist.copy() if cur is None else cur + hist)
         doms = getattr(self, f"domains_{where}")
-        if "domain" in batch.column_names:
-            dom = pc.fill_null(batch.column("domain"), "(none)")
-        else:
-            dom = pa.array(["(none)"] * batch.num_rows, pa.string())
-        agg = pa.Table.from_arrays([dom, pa.array(lengths)], names=["d", "n"]).group_by(
-            "d").aggregate([("n", "count"), ("n", "sum")])
-        for d, docs, chars in zip(agg.column("d").to_pylist(), agg.column("n_count").to_pylist(),
-                                  agg.column("n_sum").to_pylist(), strict=True):
+        for d, docs, chars in per_domain:
             a = doms.setdefault(d, [0, 0])
             a[0] += docs
             a[1] += chars
