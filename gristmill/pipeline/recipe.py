@@ -102,7 +102,7 @@ def parse_size(value: int | str) -> int:
 
 
 class TokenizeSpec(_Model):
-    tokenizer: str = Field(description="local path of a transformers tokenizer")
+    tokenizer: str = Field(description="folder (or URL) of a transformers tokenizer")
     text_column: str = "text"
     append_eos: bool = True
 
@@ -425,13 +425,7 @@ def check_recipe(recipe: Recipe) -> list[str]:
         summary.append(f"stages[{i}]: {stage.name} ({stage.type_name}, {stage.kind})")
     if recipe.output.tokenize is not None:
         tok = recipe.resolve(recipe.output.tokenize.tokenizer)
-        if storage.is_remote(tok) or storage.is_remote(recipe.output_dir):
-            raise RecipeError(
-                "recipe error at output.tokenize: tokenized output is written with local files "
-                "(memory-mapped .bin/.idx) from a local tokenizer folder; with an object-store "
-                "output.path or tokenizer, run without output.tokenize and tokenize local copies "
-                "of the shards (gristmill.pipeline.tokenized.tokenize_shards)")
-        if not tok.exists():
+        if not (storage.is_dir(tok) if storage.is_remote(tok) else tok.exists()):
             raise RecipeError(f"recipe error at output.tokenize.tokenizer: {tok} does not exist")
     summary.append(f"output: {recipe.output_dir} ({recipe.output.format})")
     summary.append(f"engine: {recipe.engine.kind}, workers={recipe.engine.workers}")

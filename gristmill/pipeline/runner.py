@@ -235,8 +235,6 @@ def run_recipe(recipe: Recipe | str | Path, *, fresh: bool = False, engine: str 
         result = make_engine(recipe, progress).execute(tasks, work)
         lock.check()  # an object-store lock taken over by another run: publish nothing
         manifest = _commit(recipe, out, tasks, result, fingerprint, t0)
-        if recipe.output.tokenize is not None:
-            _tokenize(recipe, out, manifest)
         if report:
             from gristmill.pipeline.report import write_report
 
@@ -353,20 +351,50 @@ def _commit(recipe: Recipe, out: Path, tasks: list[InputTask], result: EngineRes
                     "workers": recipe.engine.workers,
                     "stages": stage_timings(stats.timings, stage_counts, read, written)},
     }
+    if recipe.output.tokenize is not None:  # before the manifest, which lists its files
+        manifest["tokenized"] = _tokenize(recipe, out, shards)
     stats_json = {**stats.to_json(), "counts": counts, "length_bins": LENGTH_BINS.tolist()}
     atomic_write_json(out / "stats.json", stats_json)
     atomic_write_json(out / "manifest.json", manifest)
     return manifest
 
 
-def _tokenize(recipe: Recipe, out: Path, manifest: dict[str, Any]) -> None:
+TOKENIZED_EXTS = (".bin", ".dom.npy", ".domains.json", ".idx")  # .idx last: it completes
+
+
+def _tokenize(recipe: Recipe, out: Path, shards: list[dict[str, Any]]) -> dict[str, Any]:
+    """Write ``tokenized/tokens.{bin,idx,dom.npy,domains.json}`` from the published
+    shards and return the manifest's ``tokenized`` entry.
+
+    The tokenizer may be a URL (fetched into the model cache). On an object
+    store the four files are written in a local temporary folder, then uploaded
+    one object each (``.idx`` last) through ``storage``; the manifest, written
+    after this returns, is the commit point. ``tokenized/DONE`` lets a resumed
+    run skip the work.
+    """
+    import tempfile
+
+    from gristmill.pipeline.model_cache import localize
     from gristmill.pipeline.tokenized import tokenize_shards
 
     spec = recipe.output.tokenize
-    prefix = out / "tokenized" / "tokens"
-    if (prefix.parent / "DONE").exists():
-        return
-    tokenize_shards([out / s["path"] for s in manifest["shards"]],
-                    str(recipe.resolve(spec.tokenizer)), prefix, text_column=spec.text_column,
-                    append_eos=spec.append_eos, progress=False)
-    atomic_write_bytes(prefix.parent / "DONE", b"")
+    folder = out / "tokenized"
+    tok = str(recipe.resolve(spec.tokenizer))
+    if not (folder / "DONE").exists():
+        remote = storage.is_remote(out)
+        with tempfile.TemporaryDirectory(prefix="gristmill-tokenized-") as tmp:
+            local = Path(tmp) if remote else folder
+            tokenize_shards([out / s["path"] for s in shards], localize(tok), local / "tokens",
+                            text_column=spec.text_column, append_eos=spec.append_eos,
+                            progress=False, tokenizer_label=tok)
+            if remote:
+                for ext in TOKENIZED_EXTS:
+                    with open(local / f"tokens{ext}", "rb") as src, \
+                            storage.AtomicFile(folder / f"tokens{ext}") as dst:
+                        shutil.copyfileobj(src, dst.file, 8 << 20)
+        atomic_write_bytes(folder / "DONE", b"")
+    sidecar = json.loads((folder / "tokens.domains.json").read_text())
+    return {"prefix": "tokenized/tokens", "tokenizer": tok,
+            "num_documents": sidecar["num_documents"], "num_tokens": sidecar["num_tokens"],
+            "files": [{"path": f"tokenized/tokens{ext}",
+                       "bytes": storage.size(folder / f"tokens{ext}")} for ext in TOKENIZED_EXTS]}

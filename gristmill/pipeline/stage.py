@@ -191,9 +191,22 @@ class Stage:
     base_dir: str = "."
 
     def resolve_path(self, path: str) -> str:
-        """A parameter path made absolute against ``base_dir`` (``~`` expanded)."""
+        """A parameter path made absolute against ``base_dir`` (``~`` expanded);
+        a URL (``s3://bucket/model.bin``) is returned as it is."""
+        from gristmill.pipeline.storage import is_remote
+
+        if is_remote(path):
+            return path
         path = os.path.expanduser(path)
         return path if os.path.isabs(path) else os.path.normpath(os.path.join(self.base_dir, path))
+
+    def local_path(self, path: str) -> str:
+        """``resolve_path(path)`` as a local path a library can open: a URL's file
+        or folder is downloaded once per machine into the model cache
+        (``gristmill.pipeline.model_cache.localize``). Call it in ``setup()``."""
+        from gristmill.pipeline.model_cache import localize
+
+        return localize(self.resolve_path(path))
 
     def required_extras(self) -> tuple[str, ...]:
         """Extras (``pip install 'gristmill[<extra>]'``) this configured stage needs.

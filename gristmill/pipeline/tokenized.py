@@ -48,6 +48,7 @@ Example
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import struct
@@ -267,8 +268,10 @@ def write_tokenized(
 
 
 def _write_batches(batches: Iterable[tuple[list[str], list[str | None] | None]], tokenizer: Any,
-                   prefix: str | Path, append_eos: bool, progress: bool) -> Path:
+                   prefix: str | Path, append_eos: bool, progress: bool,
+                   tokenizer_label: str | None = None) -> Path:
     tok, tok_path = _load_tokenizer(tokenizer)
+    tok_path = tokenizer_label or tok_path
     eos = tok.eos_token_id
     if append_eos and eos is None:
         raise ValueError("append_eos=True needs a tokenizer with an eos_token; set append_eos=False")
@@ -286,12 +289,14 @@ def _write_batches(batches: Iterable[tuple[list[str], list[str | None] | None]],
 
 def _read_shard(path: Path, text_column: str, domain_column: str | None,
                 batch_size: int) -> Iterator[tuple[list[str], list[str | None]]]:
-    """(texts, domains) batches of a parquet or JSONL shard, streamed."""
+    """(texts, domains) batches of a parquet or JSONL shard (a local path or a URL), streamed."""
+    from gristmill.pipeline import storage
+
     name = path.name
     if name.endswith(".parquet"):
         import pyarrow.parquet as pq
 
-        pf = pq.ParquetFile(path)
+        pf = pq.ParquetFile(storage.open_read(path) if storage.is_remote(path) else path)
         columns = pf.schema_arrow.names
         if text_column not in columns:
             raise ValueError(f"{path}: text_column {text_column!r} not found; columns: {columns}")
@@ -302,7 +307,7 @@ def _read_shard(path: Path, text_column: str, domain_column: str | None,
             doms = rb.column(domain_column).to_pylist() if has_domain else [None] * len(texts)
             yield texts, doms
     elif name.endswith((".jsonl", ".json", ".ndjson")):
-        with open(path, encoding="utf-8") as f:
+        with io.TextIOWrapper(storage.open_read(path), encoding="utf-8") as f:
             texts: list[str] = []
             doms: list[str | None] = []
             for line_no, line in enumerate(f, 1):
@@ -335,6 +340,7 @@ def tokenize_shards(
     append_eos: bool = True,
     batch_size: int = 1024,
     progress: bool = True,
+    tokenizer_label: str | None = None,
 ) -> Path:
     """Tokenize the pipeline's output shards (parquet or JSONL) into one corpus.
 
@@ -345,7 +351,8 @@ def tokenize_shards(
     Parameters
     ----------
     shard_paths : sequence of path
-        ``shards/part-NNNNN.parquet`` (or ``.jsonl``) files.
+        ``shards/part-NNNNN.parquet`` (or ``.jsonl``) files, local or URLs
+        (``s3://...``, read through ``gristmill.pipeline.storage``).
     tokenizer_path : str or Path
         Folder of a Hugging Face tokenizer; recorded in the sidecar.
     out_prefix : str or Path
@@ -354,8 +361,13 @@ def tokenize_shards(
         Columns to read; ``domain_column=None`` ignores domains.
     append_eos, batch_size, progress
         As in ``write_tokenized``.
+    tokenizer_label : str, optional
+        What the sidecar records as the tokenizer (default ``tokenizer_path``;
+        the runner passes the recipe's URL when it loads a cached copy).
     """
-    paths = [Path(p) for p in shard_paths]
+    from gristmill.pipeline import storage
+
+    paths = [storage.as_path(p) for p in shard_paths]
     if not paths:
         raise ValueError("shard_paths is empty; pass at least one .parquet or .jsonl shard")
     for p in paths:
@@ -364,7 +376,8 @@ def tokenize_shards(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     batches = (b for p in paths for b in _read_shard(p, text_column, domain_column, batch_size))
-    return _write_batches(batches, tokenizer_path, out_prefix, append_eos, progress)
+    return _write_batches(batches, tokenizer_path, out_prefix, append_eos, progress,
+                          tokenizer_label)
 
 
 class IndexedTokens:

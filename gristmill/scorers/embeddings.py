@@ -29,6 +29,7 @@ import pyarrow as pa
 from pydantic import Field, model_validator
 from tqdm.auto import tqdm
 
+from gristmill.pipeline.model_cache import is_model_folder
 from gristmill.pipeline.stage import RowStage, StageOutput, StageParams, keep_all
 
 
@@ -140,7 +141,7 @@ class Embeddings(RowStage):
         m = self.params.model
         if m is not None:
             path = self.resolve_path(m)
-            if not os.path.isdir(path):
+            if not is_model_folder(path):
                 raise ValueError(f"embeddings.model: {path!r} is not a folder with a model")
 
     def setup(self) -> None:
@@ -148,7 +149,7 @@ class Embeddings(RowStage):
             return
         p = self.params
         if p.model is not None:
-            self._embedder = SentenceEmbedder(self.resolve_path(p.model), p.batch_size,
+            self._embedder = SentenceEmbedder(self.local_path(p.model), p.batch_size,
                                               p.max_length)
         else:
             self._embedder = HashedNgramEmbedder(p.dim, (p.ngram_min, p.ngram_max))

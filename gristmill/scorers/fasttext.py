@@ -36,6 +36,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
+from gristmill.pipeline.model_cache import is_model_file
 from gristmill.pipeline.stage import RowStage, StageOutput, StageParams, keep_all
 
 LABEL_PREFIX = "__label__"
@@ -149,13 +150,13 @@ class FastTextScorer(RowStage):
 
     def check(self, base_dir: str) -> None:
         path = self.resolve_path(self.params.model)
-        if not os.path.isfile(path):
+        if not is_model_file(path):
             raise ValueError(f"{self.name}.model: {path!r} is not a fastText model file")
 
     def setup(self) -> None:
         if getattr(self, "_model", None) is not None:
             return
-        model = load_fasttext(self.resolve_path(self.params.model))
+        model = load_fasttext(self.local_path(self.params.model))
         self._label = resolve_label(model, self.params.label, f"{self.name}.label")
         self._model = model
 

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -56,6 +55,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field, model_validator
 
+from gristmill.pipeline.model_cache import is_model_folder
 from gristmill.pipeline.stage import RowStage, StageOutput, StageParams, keep_all
 
 log = logging.getLogger(__name__)
@@ -558,13 +558,13 @@ class LMLikelihood(RowStage):
 
     def check(self, base_dir: str) -> None:
         path = self.resolve_path(self.params.model)
-        if not os.path.isdir(path):
+        if not is_model_folder(path):
             raise ValueError(f"{self.name}.model: {path!r} is not a folder with a model")
 
     def setup(self) -> None:
         if getattr(self, "_model", None) is not None:
             return
-        self._model, self._tokenizer = load_model(self.resolve_path(self.params.model),
+        self._model, self._tokenizer = load_model(self.local_path(self.params.model),
                                                   self.params.device, self.params.dtype)
         from gristmill.ext import backend
 

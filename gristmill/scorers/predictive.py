@@ -41,7 +41,6 @@ Stages: ``predictive_strength`` (row) adds ``<name>`` (S), ``<name>_concordant``
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from typing import Any, ClassVar, Literal
 
@@ -51,6 +50,7 @@ import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from gristmill.pipeline.hashing import hash64, record_hash
+from gristmill.pipeline.model_cache import is_model_folder
 from gristmill.pipeline.stage import (
     GlobalStage,
     RowStage,
@@ -301,7 +301,7 @@ class PredictiveStrength(RowStage):
     def check(self, base_dir: str) -> None:
         for i, m in enumerate(self.params.models):
             path = self.resolve_path(m.path)
-            if not os.path.isdir(path):
+            if not is_model_folder(path):
                 raise ValueError(f"{self.name}.models[{i}].path: {path!r} is not a folder "
                                  "with a model")
 
@@ -310,7 +310,7 @@ class PredictiveStrength(RowStage):
             return
         from gristmill.scorers.likelihood import load_model
 
-        self._loaded = [load_model(self.resolve_path(m.path), self.params.device,
+        self._loaded = [load_model(self.local_path(m.path), self.params.device,
                                    self.params.dtype) for m in self.params.models]
 
     def process(self, batch: pa.Table) -> StageOutput:

@@ -30,7 +30,6 @@ reason ``no_scorable_response``.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import Literal
 
@@ -38,6 +37,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import model_validator
 
+from gristmill.pipeline.model_cache import is_model_folder
 from gristmill.pipeline.stage import RowStage, StageOutput, split_batch
 from gristmill.scorers.likelihood import ScoringParams, load_model, score_responses
 
@@ -163,12 +163,12 @@ class Grape(RowStage):
         m = self.params.model
         if m is not None:
             path = self.resolve_path(m)
-            if not os.path.isdir(path):
+            if not is_model_folder(path):
                 raise ValueError(f"{self.name}.model: {path!r} is not a folder with a model")
 
     def setup(self) -> None:
         if self.params.model is not None and getattr(self, "_model", None) is None:
-            self._model, self._tokenizer = load_model(self.resolve_path(self.params.model),
+            self._model, self._tokenizer = load_model(self.local_path(self.params.model),
                                                       self.params.device, self.params.dtype)
 
     def input_columns(self) -> tuple[str, ...]:

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from typing import Any, Literal
 
 import numpy as np
@@ -40,6 +39,7 @@ import pyarrow.compute as pc
 from pydantic import Field, model_validator
 
 from gristmill.pipeline.hashing import record_uniform
+from gristmill.pipeline.model_cache import is_model_folder
 from gristmill.pipeline.stage import GlobalStage, StageOutput, StageParams, split_batch
 from gristmill.selectors.mixture import MixtureSchedule, token_shares, unimax_weights
 
@@ -114,7 +114,7 @@ class Mix(GlobalStage):
         tok = self.params.tokenizer
         if tok is not None:
             path = self.resolve_path(tok)
-            if not os.path.isdir(path):
+            if not is_model_folder(path):
                 raise ValueError(f"mix.tokenizer: {path!r} is not a folder with a tokenizer")
 
     def setup(self) -> None:
@@ -122,7 +122,7 @@ class Mix(GlobalStage):
             from transformers import AutoTokenizer
 
             self._tokenizer = AutoTokenizer.from_pretrained(
-                self.resolve_path(self.params.tokenizer), local_files_only=True)
+                self.local_path(self.params.tokenizer), local_files_only=True)
 
     def output_columns(self) -> tuple[str, ...]:
         return ("mix_epoch",)

@@ -50,7 +50,9 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from gristmill.pipeline.hashing import mix64
+from gristmill.pipeline.model_cache import localize
 from gristmill.pipeline.stage import RowStage, StageOutput, StageParams, split_batch
+from gristmill.pipeline.storage import is_remote
 from gristmill.selectors.filters.text_units import split_words
 
 _NOT_WORD = re.compile(r"[^\w\s]|_", re.UNICODE)
@@ -134,7 +136,13 @@ class DecontaminateParams(StageParams):
 def _expand(path: str | list[str], resolve) -> list[Path]:
     files: list[Path] = []
     for pattern in [path] if isinstance(path, str) else path:
-        p = Path(resolve(pattern))
+        p = resolve(pattern)
+        if is_remote(p):
+            if any(c in pattern for c in "*?["):
+                raise ValueError(f"{pattern}: globs are not expanded on object stores; name "
+                                 "an object or a prefix (its files are all read)")
+            p = localize(p)  # an object or a prefix, fetched once into the model cache
+        p = Path(p)
         if p.is_dir():
             files += sorted(q for q in p.rglob("*") if q.is_file()
                             and q.name.endswith((".jsonl", ".json", ".parquet")))

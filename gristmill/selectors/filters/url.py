@@ -30,7 +30,9 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
+from gristmill.pipeline.model_cache import is_model_file, localize
 from gristmill.pipeline.stage import RowStage, StageOutput, StageParams, split_batch
+from gristmill.pipeline.storage import is_remote
 
 _HOST = re.compile(r"^[\w-]+(?:\.[\w-]+)+$")
 _NON_WORD = re.compile(r"[^0-9a-zA-Z\u00c0-\uffff]+")
@@ -84,7 +86,7 @@ def domain_suffixes(host: str) -> list[str]:
 
 
 def _read_lines(path: str) -> list[str]:
-    with open(path, encoding="utf-8") as f:
+    with open(localize(path), encoding="utf-8") as f:
         return [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
 
 
@@ -189,6 +191,8 @@ class UrlFilter(RowStage):
 
 
 def open_ok(path: str) -> bool:
+    if is_remote(path):  # one metadata request; the file is fetched in setup()
+        return is_model_file(path)
     try:
         with open(path, encoding="utf-8"):
             return True

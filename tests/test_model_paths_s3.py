@@ -1,0 +1,163 @@
+"""Model and tokenizer paths on object storage (issue 11, item 1): a recipe names a
+fastText model file and a transformers model/tokenizer folder by ``s3://`` URL (moto's
+S3 server on loopback, the fixtures of test_object_storage), the stages load them
+through the per-machine model cache, ``output.tokenize`` writes Megatron shards to an
+``s3://`` output, and everything equals the run with local paths."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import test_object_storage
+from conftest import make_text, write_jsonl
+
+from gristmill.pipeline import model_cache, storage
+from gristmill.pipeline.recipe import RecipeError, check_recipe, parse_recipe
+from gristmill.pipeline.runner import run_recipe
+
+# the S3 server and bucket fixtures of test_object_storage, shared by name
+s3_server = test_object_storage.s3_server
+bucket = test_object_storage.bucket
+_files, _upload = test_object_storage._files, test_object_storage._upload
+
+PLAIN = "river stone mill grain flour wheel water".split()
+TARGET = "theorem proof lemma integral matrix vector".split()
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A fastText classifier trained here, a byte-level BPE tokenizer and a tiny
+    Llama built from a config (random weights), plus a two-file corpus."""
+    pytest.importorskip("fasttext")
+    pytest.importorskip("transformers")
+    from gristmill.trainers.fasttext import train_fasttext
+    from gristmill.trainers.tiny import build_tiny_lm, build_tokenizer
+
+    rng = random.Random(7)
+    root = tmp_path_factory.mktemp("model_paths")
+    texts, labels = [], []
+    for i in range(160):
+        words = TARGET if i % 2 else PLAIN
+        texts.append(" ".join(rng.choice(words) for _ in range(30)) + " " + make_text(rng, 15))
+        labels.append(i % 2)
+    train_fasttext(texts, labels, root / "models" / "clf.bin", epoch=3, dim=16, bucket=20000)
+    build_tokenizer(texts, vocab_size=300, path=root / "tok")
+    build_tiny_lm(root / "tok", root / "models" / "lm", n_layer=1, n_embd=32, n_head=2,
+                  n_positions=128)
+    for f in range(2):
+        write_jsonl(root / "corpus" / f"part-{f}.jsonl",
+                    [{"id": f"{f}-{i}", "text": t} for i, t in enumerate(texts[f::4])])
+    return root
+
+
+def _recipe(root: Path, models: str, out: str, workers: int) -> dict:
+    return {"name": "models", "seed": 3, "sources": [{"path": str(root / "corpus")}],
+            "stages": [{"stage": "fasttext", "name": "preselect", "model": f"{models}/clf.bin",
+                        "label": "__label__1"},
+                       {"stage": "lm_likelihood", "name": "lm", "model": f"{models}/lm",
+                        "max_length": 64, "device": "cpu", "dtype": "float32"},
+                       {"stage": "top_fraction", "column": "preselect", "fraction": 0.5}],
+            "output": {"path": out, "shard_size": "8KB",
+                       "tokenize": {"tokenizer": f"{models}/lm"}},
+            "engine": {"kind": "local", "workers": workers, "batch_size": 16}}
+
+
+def test_recipe_with_s3_models_and_tokenizer_writes_what_local_paths_write(
+        models, tmp_path, bucket, monkeypatch):
+    monkeypatch.setenv("GRISTMILL_CACHE", str(tmp_path / "cache"))
+    _upload(models / "models", f"s3://{bucket}/models")
+    local = run_recipe(parse_recipe(_recipe(models, str(models / "models"),
+                                            str(tmp_path / "out"), 1)),
+                       progress=False, report=False)
+    remote_out = f"s3://{bucket}/out"
+    remote = run_recipe(parse_recipe(_recipe(models, f"s3://{bucket}/models", remote_out, 1)),
+                        progress=False, report=False)
+
+    a, b = _files(str(tmp_path / "out")), _files(remote_out)
+    shards = [s["path"] for s in local["shards"]]
+    assert shards and [s["path"] for s in remote["shards"]] == shards
+    for name in shards + ["tokenized/tokens.bin", "tokenized/tokens.idx",
+                          "tokenized/tokens.dom.npy"]:  # .domains.json names the tokenizer
+        assert a[name] == b[name], name
+    side_a, side_b = (json.loads(x["tokenized/tokens.domains.json"]) for x in (a, b))
+    assert side_a.pop("tokenizer") == str(models / "models" / "lm")
+    assert side_b.pop("tokenizer") == f"s3://{bucket}/models/lm"  # the URL, not the cache
+    assert side_a == side_b and side_a["num_documents"] == local["counts"]["kept"]
+    ta, tb = dict(local["tokenized"]), dict(remote["tokenized"])
+    assert ta.pop("tokenizer") != tb.pop("tokenizer")
+    assert ta["num_tokens"] == tb["num_tokens"] and ta["num_documents"] == tb["num_documents"]
+    # the manifest is the commit point and lists the tokenized files
+    assert {f["path"] for f in tb["files"]} <= set(b)
+    assert not [k for k in b if k.startswith("_work/")]
+    # one cache entry per remote object or folder (the tokenizer is the model's folder),
+    # shared by both pool workers, and no temporary download left behind
+    cache = tmp_path / "cache" / "models"
+    entries = sorted(p.name for p in cache.iterdir() if p.is_dir())
+    assert len(entries) == 2 and not any(n.startswith(".") for n in entries)
+    assert sorted(json.loads((cache / e / "source.json").read_text())["url"]
+                  for e in entries) == [f"s3://{bucket}/models/clf.bin",
+                                        f"s3://{bucket}/models/lm"]
+
+
+def test_racing_processes_download_a_model_folder_once(models, tmp_path, bucket,
+                                                       s3_server):
+    url = f"s3://{bucket}/race/lm"
+    _upload(models / "models" / "lm", url)
+    code = ("import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stderr)\n"
+            "from gristmill.pipeline.model_cache import localize\n"
+            f"print(localize({url!r}))")
+    env = {**os.environ, "GRISTMILL_CACHE": str(tmp_path / "cache")}
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for _ in range(3)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [e for _, e in outs]
+    paths = {o.strip() for o, _ in outs}
+    assert len(paths) == 1
+    downloads = sum(e.count("model cache: ") for _, e in outs)
+    assert downloads == 1  # the others waited on the lock and found the folder complete
+    got = Path(paths.pop())
+    want = models / "models" / "lm"
+    assert sorted(p.name for p in got.iterdir()) == sorted(p.name for p in want.iterdir())
+    for f in want.iterdir():
+        assert (got / f.name).read_bytes() == f.read_bytes()
+
+
+def test_a_changed_object_gets_a_new_cache_entry(tmp_path, bucket, monkeypatch):
+    import fsspec
+
+    monkeypatch.setenv("GRISTMILL_CACHE", str(tmp_path / "cache"))
+    fs = fsspec.filesystem("s3")
+    url = f"s3://{bucket}/m/clf.bin"
+    fs.pipe_file(url, b"version one")
+    first = model_cache.localize(url)
+    assert Path(first).read_bytes() == b"version one"
+    assert model_cache.localize(url) == first  # cached: same path, no new entry
+    # a download killed half way leaves a temporary folder: the next one removes it
+    key = Path(first).parent.name
+    fs.pipe_file(url, b"version two, longer")
+    listing = model_cache.remote_listing(url)
+    new_key = model_cache.cache_key(url, listing)
+    stale = tmp_path / "cache" / "models" / f".{new_key}.tmp-99999"
+    (stale / "clf.bin").parent.mkdir(parents=True)
+    (stale / "clf.bin").write_bytes(b"vers")
+    second = model_cache.localize(url)
+    assert Path(second).read_bytes() == b"version two, longer"
+    assert Path(second).parent.name == new_key != key and not stale.exists()
+    assert Path(first).read_bytes() == b"version one"  # the old entry is left as it was
+
+
+def test_a_missing_s3_model_is_a_recipe_error_naming_the_field(models, tmp_path,
+                                                               bucket):
+    body = _recipe(models, f"s3://{bucket}/nothing-here", str(tmp_path / "o"), 1)
+    with pytest.raises(RecipeError, match=r"preselect\.model: .*s3://.*/nothing-here/clf\.bin"):
+        check_recipe(parse_recipe(body))
+    body["stages"] = []
+    with pytest.raises(RecipeError, match="output.tokenize.tokenizer: s3://"):
+        check_recipe(parse_recipe(body))
+    assert not storage.exists(tmp_path / "o")
