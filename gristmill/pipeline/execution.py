@@ -257,6 +257,29 @@ def _kept_columns(batch: pa.Table, segment: Segment) -> list[str]:
             or pa.types.is_floating(f.type) or pa.types.is_boolean(f.type)]
 
 
+#: input bytes per shuffle key partition when ``engine.shuffle_partitions`` is not set
+SHUFFLE_PARTITION_BYTES = 32 << 20
+
+
+def shuffle_partitions_for(input_bytes: int, target: int = SHUFFLE_PARTITION_BYTES) -> int:
+    """Key partitions for a corpus of ``input_bytes``: ``ceil(input_bytes / target)``, at least 1.
+
+    A partition's keys are read and reduced by one process, so a partition
+    count that grows with the corpus keeps that process's memory the same at
+    any corpus size (MinHash keys are about 1.8x the input bytes with the
+    default bands and 8-bit sketches). It depends on the input only, never
+    on the worker count; the output does not depend on it at all (every key
+    group lands whole in one partition, and the reduced edges are resolved
+    as a set).
+
+    Examples
+    --------
+    >>> shuffle_partitions_for(0), shuffle_partitions_for(200 << 20)
+    (1, 7)
+    """
+    return max(1, -(-int(input_bytes) // int(target)))
+
+
 def partition_keys(keys: pa.Table, partitions: int) -> list[pa.Table]:
     """Split a keys table by ``key % partitions`` (whole groups land together)."""
     k = keys.column("key").to_numpy(zero_copy_only=False).astype(np.uint64)

@@ -414,7 +414,7 @@ def observe_columns(columns: dict[str, Any], table: pa.Table, names: Iterable[st
 _CLUSTER_CACHE: dict[int, tuple[Any, dict[int, tuple[int, int]]]] = {}
 
 
-def _chosen_clusters(state: pa.Table, seed: int) -> dict[int, tuple[int, int]]:
+def chosen_clusters(state: pa.Table, seed: int) -> dict[int, tuple[int, int]]:
     """survivor key -> (priority, member key) for the clusters with the smallest
     survivor priority; the member is the cluster's smallest-priority dropped one."""
     hit = _CLUSTER_CACHE.get(id(state))
@@ -500,9 +500,12 @@ def observe_stage(stats: Any, stage: Stage, batch_in: pa.Table, out: StageOutput
                 rows = _redact(rows, redactors)
             recs = _records(rows, pd[pick], [details[i] for i in pick])
             groups["dropped"][reason] = merge_records(group, recs)
-    if isinstance(state, pa.Table) and {ROW_KEY, "survivor"} <= set(state.column_names) \
-            and state.num_rows and ROW_KEY in batch_in.column_names:
-        _observe_clusters(stats, stage, batch_in, out, state, redactors, later)
+    chosen = getattr(state, "chosen_clusters", None)  # per-file drop lists: chosen already
+    if chosen is None and isinstance(state, pa.Table) and state.num_rows \
+            and {ROW_KEY, "survivor"} <= set(state.column_names):
+        chosen = chosen_clusters(state, stage.seed)
+    if chosen and ROW_KEY in batch_in.column_names:
+        _observe_clusters(stats, stage, batch_in, out, chosen, redactors, later)
 
 
 def _rows_of(batch: pa.Table, dropped: pa.Table) -> pa.Table | None:
@@ -516,10 +519,8 @@ def _rows_of(batch: pa.Table, dropped: pa.Table) -> pa.Table | None:
 
 
 def _observe_clusters(stats: Any, stage: Stage, batch_in: pa.Table, out: StageOutput,
-                      state: pa.Table, redactors: list[Stage], later: list[Stage]) -> None:
-    chosen = _chosen_clusters(state, stage.seed)
-    if not chosen:
-        return
+                      chosen: dict[int, tuple[int, int]], redactors: list[Stage],
+                      later: list[Stage]) -> None:
     mine = stats.clusters.setdefault(stage.name, {})
     members = {m: s for s, (_, m) in chosen.items()}
     keys = batch_in.column(ROW_KEY).to_numpy(zero_copy_only=False).astype(np.uint64)

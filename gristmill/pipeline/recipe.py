@@ -127,7 +127,10 @@ class EngineSpec(_Model):
     kind: Literal["local", "dask", "beam"] = "local"
     workers: int = Field(1, ge=1, le=1024)
     batch_size: int = Field(8192, ge=1, le=1_000_000)
-    shuffle_partitions: int = Field(8, ge=1, le=4096)
+    shuffle_partitions: int | None = Field(
+        None, ge=1, le=65536, description="key partitions of a shuffle stage (each holds whole "
+        "key groups; a process holds one); default: one per 32 MiB of input, so a partition "
+        "stays the same size whatever the corpus size")
     scheduler: str | None = Field(None, description="dask: address of an existing scheduler")
     runner: str | None = Field(None, description="beam: runner name (default: a local runner)")
     beam_options: dict[str, Any] = Field(default_factory=dict)

@@ -30,9 +30,9 @@ the counts reconcile: read = kept + dropped + rejected.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, BinaryIO, ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -263,13 +263,30 @@ class RowStage(Stage):
 
 
 class GlobalStage(Stage):
+    """Two phases (module doc). A stage whose summary grows with the records it saw
+    (a top fraction's per-record scores) sets ``spills``: the engine then merges
+    summaries only within a task, writes each task's summary to a file with
+    ``spill_summary`` and calls ``finalize_spilled`` on those files instead of
+    merging summaries in memory, so no process holds the whole corpus's summary.
+    """
+
     kind = "global"
+    spills: ClassVar[bool] = False
 
     def summarize(self, batch: pa.Table) -> Any:
         raise NotImplementedError
 
     def merge(self, a: Any, b: Any) -> Any:
         raise NotImplementedError
+
+    def spill_summary(self, summary: Any, sink: BinaryIO) -> None:
+        """Write one task's merged summary (not None) to the binary file ``sink``."""
+        raise NotImplementedError(f"{type(self).__name__} does not spill its summaries")
+
+    def finalize_spilled(self, sources: list[Callable[[], BinaryIO]]) -> Any:
+        """The state from the spilled summaries: ``sources[i]()`` opens the i-th file
+        for reading (files in task order; none when no task saw a row)."""
+        raise NotImplementedError(f"{type(self).__name__} does not spill its summaries")
 
     def finalize(self, summary: Any) -> Any:
         """Turn the merged summary into the state ``apply`` needs (default: itself).
@@ -283,7 +300,14 @@ class GlobalStage(Stage):
 
 
 class ShuffleStage(Stage):
+    """Group by key (module doc). A stage whose ``resolve`` returns the dropped
+    records as a table with a ``ROW_KEY`` column (dedup) sets ``drop_lists``:
+    the engine then writes that table as sorted per-input-file files and hands
+    ``apply`` a ``gristmill.pipeline.droplists.DropLists`` instead, whose
+    ``rows_for(row keys)`` reads only the part a batch needs."""
+
     kind = "shuffle"
+    drop_lists: ClassVar[bool] = False
 
     def keys(self, batch: pa.Table) -> pa.Table:
         raise NotImplementedError

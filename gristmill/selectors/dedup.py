@@ -42,6 +42,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field
 
+from gristmill.pipeline.droplists import DropLists
 from gristmill.pipeline.hashing import hash64, mix64, normalize_text
 from gristmill.pipeline.stage import (
     ROW_KEY,
@@ -174,6 +175,7 @@ class ClusterDedup(ShuffleStage):
 
     reason: ClassVar[str] = "duplicate"
     text_column: ClassVar[str] = "text"
+    drop_lists = True
 
     @property
     def pairwise(self) -> bool:
@@ -334,9 +336,15 @@ class ClusterDedup(ShuffleStage):
              pa.array(surv, pa.uint64())], schema=STATE_SCHEMA)
 
     # -- apply -----------------------------------------------------------------
-    def apply(self, batch: pa.Table, state: pa.Table) -> StageOutput:
+    def apply(self, batch: pa.Table, state: pa.Table | DropLists) -> StageOutput:
+        """Drop the rows ``state`` lists: the resolved table, or per-file drop lists
+        (an engine's) of which only the part for this batch's row keys is read."""
         if state is None or state.num_rows == 0 or batch.num_rows == 0:
             return keep_all(batch)
+        if isinstance(state, DropLists):
+            state = state.rows_for(batch.column(ROW_KEY).to_numpy(zero_copy_only=False))
+            if state.num_rows == 0:
+                return keep_all(batch)
         pos = pc.index_in(batch.column(ROW_KEY),
                           value_set=state.column(ROW_KEY).combine_chunks())
         hit = pc.is_valid(pos).to_numpy(zero_copy_only=False)

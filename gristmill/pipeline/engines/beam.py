@@ -46,7 +46,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from gristmill.pipeline import observe, storage
-from gristmill.pipeline.carried_schema import conform_batches, load_plan
+from gristmill.pipeline.droplists import drop_list_state
 from gristmill.pipeline.engines.local import EngineResult, TaskResult, task_dir
 from gristmill.pipeline.execution import (
     Segment,
@@ -113,8 +113,7 @@ def _build_pipeline(beam, p, recipe: Recipe, tasks: list[InputTask], work: Path)
             dropped: list[pa.Table] | None = [] if self.recipe.output.write_dropped else None
             inputs = InputReader(task, spec, report, self.recipe.engine.batch_size,
                                  id_ledger_path(work, task.index))
-            batches = observe.timed_iter(conform_batches(inputs, load_plan(work), report),
-                                         stats.timings, "read", "read")
+            batches = observe.timed_iter(iter(inputs), stats.timings, "read", "read")
             for seq, batch in enumerate(batches):
                 stats.observe(batch, "in")
                 kept = run_segment_batch(self.segment, batch, None, stats, dropped)
@@ -163,6 +162,28 @@ def _build_pipeline(beam, p, recipe: Recipe, tasks: list[InputTask], work: Path)
             with observe.clock(self.timings, self.stage.name, "summarize"):
                 summary = self.stage.summarize(element[2])
             yield summary
+
+    class SpillSummary(TimedDoFn):
+        """A spilling stage's summary of one batch, written to its own file."""
+
+        def __init__(self, recipe: Recipe, index: int) -> None:
+            self.recipe, self.index = recipe, index
+
+        def setup(self) -> None:
+            self.stage = _segment_stages(self.recipe, self.index)[0].exit
+
+        def process(self, element: tuple[int, int, pa.Table]):
+            task, seq, batch = element
+            with observe.clock(self.timings, self.stage.name, "summarize"):
+                summary = self.stage.summarize(batch)
+                with AtomicFile(_spill_path(work, self.index, task, seq)) as sink:
+                    self.stage.spill_summary(summary, sink.file)
+            yield (task, seq)
+
+    def finalize_spills(spills: list[tuple[int, int]], stage: GlobalStage, index: int) -> Any:
+        # task and batch order: the order the local engine merges in
+        paths = [_spill_path(work, index, t, q) for t, q in sorted(spills)]
+        return stage.finalize_spilled([lambda p=p: storage.open_read(p) for p in paths])
 
     class MergeSummaries(beam.CombineFn):
         """merge() is associative and commutative, so any combine tree is fine."""
@@ -281,7 +302,14 @@ def _build_pipeline(beam, p, recipe: Recipe, tasks: list[InputTask], work: Path)
     audits = [first.audit]
     for seg in segments[:-1]:
         i, stage = seg.index, seg.exit
-        if isinstance(stage, GlobalStage):
+        if isinstance(stage, GlobalStage) and stage.spills:
+            state = (rows | f"Spill summaries for {stage.name}" >> beam.ParDo(
+                SpillSummary(recipe, i))
+                     | f"List spilled summaries of {stage.name}" >> beam.combiners.ToList()
+                     | f"Finalize {stage.name}" >> beam.Map(timed(
+                         lambda spills, st=stage, i=i: finalize_spills(spills, st, i),
+                         stage.name)))
+        elif isinstance(stage, GlobalStage):
             state = (rows | f"Summarize for {stage.name}" >> beam.ParDo(Summarize(recipe, i))
                      | f"Merge summaries of {stage.name}" >> beam.CombineGlobally(
                          MergeSummaries(stage))
@@ -293,7 +321,10 @@ def _build_pipeline(beam, p, recipe: Recipe, tasks: list[InputTask], work: Path)
                          lambda part, tables, st=stage: (
                              part, st.reduce(pa.concat_tables(list(tables)))), stage.name))
                      | f"Gather edges of {stage.name}" >> beam.CombineGlobally(ConcatTables())
-                     | f"Resolve {stage.name}" >> beam.Map(timed(stage.resolve, stage.name)))
+                     | f"Resolve {stage.name}" >> beam.Map(timed(
+                         lambda edges, st=stage, i=i: drop_list_state(
+                             st, st.resolve(edges), work / f"seg{i:02d}" / "drops"),
+                         stage.name)))
         state = state | f"Save state of {stage.name}" >> beam.Map(save_state, i)
         out = (rows | f"Run segment {i + 1}" >> beam.ParDo(
             RunSegment(recipe, i + 1), state=pvalue.AsSingleton(state)).with_outputs(
@@ -384,6 +415,10 @@ class BeamEngine:
                 artifacts[stage.name] = files
         return EngineResult(tasks=per_task, artifacts=artifacts,
                             final_dir=work / f"seg{len(segments) - 1:02d}")
+
+
+def _spill_path(work: Path, segment: int, task: int, seq: int) -> Path:
+    return task_dir(work, segment, task) / f"summary-{seq:06d}.spill"
 
 
 def _remove_tree(path: Path) -> None:

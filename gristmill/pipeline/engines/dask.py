@@ -30,10 +30,12 @@ import pyarrow as pa
 from tqdm.auto import tqdm
 
 from gristmill.pipeline import observe, storage
+from gristmill.pipeline.droplists import drop_list_state
 from gristmill.pipeline.engines.local import (
     EngineResult,
     _load_state,
     execute_segments,
+    finalize_spilled,
     reduce_partition,
     run_task,
     task_dir,
@@ -111,7 +113,12 @@ class DaskEngine:
         state_path = work / f"seg{segment_index:02d}" / "state.pkl"
         if state_path.exists():
             return _load_state(state_path)
-        if isinstance(stage, GlobalStage):
+        if isinstance(stage, GlobalStage) and stage.spills:
+            started = observe.start_clock()
+            # the client streams the tasks' spilled files; bounded memory, no tree
+            state = finalize_spilled(work, segment_index, tasks, stage)
+            observe.save_barrier_time(work, stage.name, "barrier", started)
+        elif isinstance(stage, GlobalStage):
             started = observe.start_clock()
             # a tree of pairwise merges on the workers, neighbours in task order: the
             # client receives one merged summary, never every task's
@@ -132,6 +139,8 @@ class DaskEngine:
                        if r is not None]
             started = observe.start_clock()
             state = stage.resolve(pa.concat_tables(reduced) if reduced else None)
+            del reduced
+            state = drop_list_state(stage, state, work / f"seg{segment_index:02d}" / "drops")
             observe.save_barrier_time(work, stage.name, "barrier", started)
         else:
             raise TypeError(f"stage {stage.name!r} is no barrier")

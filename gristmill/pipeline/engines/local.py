@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from gristmill.pipeline import observe, storage
-from gristmill.pipeline.carried_schema import conform_batches, load_plan
+from gristmill.pipeline.droplists import drop_list_state
 from gristmill.pipeline.execution import (
     Segment,
     TaskStats,
@@ -173,9 +173,7 @@ def task_dir(work: Path, segment: int, task: int) -> Path:
 def _input_batches(recipe: Recipe, work: Path, segment: Segment, task: InputTask,
                    report: FileReport, stats: TaskStats, inputs: InputReader | None):
     if segment.index == 0:
-        # every carried column in the run's one type (carried_schema)
-        batches = conform_batches(inputs, load_plan(work), report)
-        for batch in observe.timed_iter(batches, stats.timings, "read", "read"):
+        for batch in observe.timed_iter(iter(inputs), stats.timings, "read", "read"):
             stats.observe(batch, "in")
             yield batch
         return
@@ -278,7 +276,12 @@ def _run_task(recipe: Recipe, work: Path, segment_index: int, task: InputTask) -
     if isinstance(segment.exit, GlobalStage):
         with observe.clock(stats.timings, segment.exit.name, "summarize"):
             summary = merge_all(segment.exit, summaries)
-        atomic_write_bytes(out / "summary.pkl", pickle.dumps(summary))
+            if segment.exit.spills:
+                if summary is not None:
+                    with AtomicFile(out / "summary.spill") as sink:
+                        segment.exit.spill_summary(summary, sink.file)
+            else:
+                atomic_write_bytes(out / "summary.pkl", pickle.dumps(summary))
     if shard_writer is not None:
         with observe.clock(stats.timings, "write", "write"):
             result["shards"] = [s.to_dict() for s in shard_writer.close()]
@@ -315,6 +318,14 @@ def reduce_partition(recipe: Recipe, work: Path, segment: int, task_indices: lis
     return reduced if reduced is not None and reduced.num_rows else None
 
 
+def finalize_spilled(work: Path, segment: int, tasks: list[InputTask], stage: GlobalStage) -> Any:
+    """``stage.finalize_spilled`` over the tasks' spilled summaries, in task order
+    (a task that saw no row spilled none)."""
+    paths = [task_dir(work, segment, t.index) / "summary.spill" for t in tasks]
+    return stage.finalize_spilled([lambda p=p: storage.open_read(p)
+                                   for p in paths if storage.exists(p)])
+
+
 def finish_barrier(recipe: Recipe, work: Path, segment: Segment, tasks: list[InputTask],
                    stage: Stage, map_partitions: Callable[..., list[Any]] | None = None) -> Any:
     """Merge summaries (global) or reduce and resolve keys (shuffle); save the state.
@@ -326,7 +337,9 @@ def finish_barrier(recipe: Recipe, work: Path, segment: Segment, tasks: list[Inp
     if state_path.exists():
         return _load_state(state_path)
     started = observe.start_clock()
-    if isinstance(stage, GlobalStage):
+    if isinstance(stage, GlobalStage) and stage.spills:
+        state = finalize_spilled(work, segment.index, tasks, stage)
+    elif isinstance(stage, GlobalStage):
         def load(t: InputTask) -> Any:
             with storage.open_read(task_dir(work, segment.index, t.index) / "summary.pkl") as f:
                 return pickle.load(f)
@@ -341,6 +354,8 @@ def finish_barrier(recipe: Recipe, work: Path, segment: Segment, tasks: list[Inp
                else [reduce_partition(*a) for a in args])
         reduced = [r for r in got if r is not None]  # partition order, whatever ran them
         state = stage.resolve(pa.concat_tables(reduced) if reduced else None)
+        del got, reduced
+        state = drop_list_state(stage, state, seg_dir / "drops")
     observe.save_barrier_time(work, stage.name, "barrier", started)
     atomic_write_bytes(state_path, pickle.dumps(state))
     return state
