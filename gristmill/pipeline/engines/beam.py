@@ -27,8 +27,15 @@ chosen implicitly (it downloads a runner binary). Workers write shards and
 audits under ``OUTPUT/_work``, so a distributed runner needs the output on
 storage every worker reaches: an object store (``output.path: s3://...``,
 credentials from each worker's environment) or a shared filesystem at the
-same path. A killed Beam run cannot resume file by file (the pipeline is one
-job whose barriers see every record); it says so and starts over.
+same path.
+
+Resume. Each barrier's state is saved (``_work/segNN/state.pkl``) and each
+input file's result (``_work/beam/task-NNNNN.json``, after its shards) when
+done. A killed run started again loads the saved states instead of computing
+them, and reads and runs only the files without a result; once one file is
+written every barrier state is saved, so from then on a resume is file by
+file. The run says on stderr what it reuses, or that it starts over (killed
+before its first barrier finished), before the pipeline starts.
 """
 
 from __future__ import annotations
@@ -93,8 +100,12 @@ def _audit(segment: int, stats: TaskStats, dropped: list[pa.Table] | None,
     return out
 
 
-def _build_pipeline(beam, p, recipe: Recipe, tasks: list[InputTask], work: Path):
-    """Add the recipe's transforms to pipeline ``p``; returns the per-file results."""
+def _build_pipeline(beam, p, recipe: Recipe, tasks: list[InputTask], work: Path,
+                    saved: frozenset[int] = frozenset()):
+    """Add the recipe's transforms to pipeline ``p``; returns the per-file results.
+
+    ``saved``: barriers (segment indices) whose state a killed run already saved;
+    it is loaded instead of computed again."""
     from apache_beam import pvalue
 
     class ReadAndRunFirstSegment(beam.DoFn):
@@ -251,8 +262,12 @@ def _build_pipeline(beam, p, recipe: Recipe, tasks: list[InputTask], work: Path)
         return run
 
     def save_state(state: Any, index: int) -> Any:
-        atomic_write_bytes(work / f"seg{index:02d}" / "state.pkl", pickle.dumps(state))
+        atomic_write_bytes(_state_path(work, index), pickle.dumps(state))
         return state
+
+    def load_state(index: int) -> Any:
+        with storage.open_read(_state_path(work, index)) as f:
+            return pickle.load(f)
 
     class WriteFile(beam.DoFn):
         """All rows and audits of one input file: shards, dropped, rejects, result."""
@@ -302,7 +317,10 @@ def _build_pipeline(beam, p, recipe: Recipe, tasks: list[InputTask], work: Path)
     audits = [first.audit]
     for seg in segments[:-1]:
         i, stage = seg.index, seg.exit
-        if isinstance(stage, GlobalStage) and stage.spills:
+        if i in saved:
+            state = (p | f"Saved state of {stage.name}" >> beam.Create([i])
+                     | f"Load state of {stage.name}" >> beam.Map(load_state))
+        elif isinstance(stage, GlobalStage) and stage.spills:
             state = (rows | f"Spill summaries for {stage.name}" >> beam.ParDo(
                 SpillSummary(recipe, i))
                      | f"List spilled summaries of {stage.name}" >> beam.combiners.ToList()
@@ -325,7 +343,8 @@ def _build_pipeline(beam, p, recipe: Recipe, tasks: list[InputTask], work: Path)
                          lambda edges, st=stage, i=i: drop_list_state(
                              st, st.resolve(edges), work / f"seg{i:02d}" / "drops"),
                          stage.name)))
-        state = state | f"Save state of {stage.name}" >> beam.Map(save_state, i)
+        if i not in saved:
+            state = state | f"Save state of {stage.name}" >> beam.Map(save_state, i)
         out = (rows | f"Run segment {i + 1}" >> beam.ParDo(
             RunSegment(recipe, i + 1), state=pvalue.AsSingleton(state)).with_outputs(
             "audit", main="rows"))
@@ -369,25 +388,49 @@ class BeamEngine:
                               f"binary; use one of {', '.join(LOCAL_RUNNERS)} for a local run")
         return runner, PipelineOptions(flags=[], runner=runner, **options)
 
+    def _resume_point(self, tasks: list[InputTask], segments: list[Segment],
+                      work: Path) -> tuple[list[InputTask], frozenset[int]]:
+        """What a killed run left that this one reuses: the input files still to do,
+        and the barriers whose state is saved (said on stderr before anything runs).
+
+        A file is done when its result (``_work/beam/task-NNNNN.json``, written
+        after its shards) is there. A barrier's state is saved once every file
+        went through it, so the saved states are a prefix of the barriers, and
+        every barrier is saved as soon as one file is done: then only the other
+        files are read and run again, with the saved states as side inputs.
+        """
+        results_dir = work / "beam"
+        todo = [t for t in tasks if not (results_dir / f"task-{t.index:05d}.json").exists()]
+        barriers = [s.index for s in segments[:-1]]
+        saved: list[int] = []
+        for i in barriers:
+            if not storage.exists(_state_path(work, i)):
+                break
+            saved.append(i)
+        if len(todo) < len(tasks) and len(saved) < len(barriers):  # not from this engine
+            todo, saved = list(tasks), []
+            _remove_tree(results_dir)
+        if todo and (len(todo) < len(tasks) or saved):
+            print(f"gristmill: resuming a killed beam run in {storage.url(work)}: "
+                  f"{len(tasks) - len(todo)} of {len(tasks)} files already written, "
+                  f"{len(saved)} of {len(barriers)} barrier state(s) reused; reading "
+                  f"{len(todo)} file(s) again", file=sys.stderr)
+        elif todo and (storage.is_dir(work / "ids") or storage.exists(work / "seg00")):
+            # it read files (their id ledgers are there) but finished no barrier
+            print(f"gristmill: the killed beam run in {storage.url(work)} saved no barrier "
+                  f"state and wrote no file; starting it over", file=sys.stderr)
+        return todo, frozenset(saved)
+
     def execute(self, tasks: list[InputTask], work: Path) -> EngineResult:
         import apache_beam as beam
 
         stages = self.recipe.build_stages()
         segments = plan_segments(stages)
         results_dir = work / "beam"
-        done = all((results_dir / f"task-{t.index:05d}.json").exists() for t in tasks)
-        if not done:
-            # a Beam pipeline is one job: its barriers see every record, so a killed run
-            # cannot resume file by file; say so before starting it over
-            partial = sum((results_dir / f"task-{t.index:05d}.json").exists() for t in tasks)
-            if partial or storage.exists(work / "seg00"):
-                print(f"gristmill: the beam engine cannot resume a killed run; the partial run "
-                      f"in {storage.url(work)} ({partial} of {len(tasks)} files written) is "
-                      f"started over (the local and dask engines resume task by task)",
-                      file=sys.stderr)
-            _remove_tree(results_dir)
-            for seg in segments:
-                for t in tasks:
+        todo, saved = self._resume_point(tasks, segments, work)
+        if todo:
+            for seg in segments:  # whatever a killed run left of the files still to do
+                for t in todo:
                     d = task_dir(work, seg.index, t.index)
                     if d.exists():
                         _remove_tree(d)
@@ -396,7 +439,7 @@ class BeamEngine:
             with _FilesWrittenBar(results_dir, len(tasks), f"beam on {name}",
                                   self.progress):
                 with beam.Pipeline(runner=runner, options=options) as p:
-                    _build_pipeline(beam, p, self.recipe, tasks, work)
+                    _build_pipeline(beam, p, self.recipe, todo, work, saved)
         per_task = []
         for t in tasks:
             res = json.loads((results_dir / f"task-{t.index:05d}.json").read_text())
@@ -407,7 +450,7 @@ class BeamEngine:
                                        dropped_files=res["dropped_files"]))
         artifacts: dict[str, dict[str, bytes]] = {}
         for seg in segments[:-1]:
-            with storage.open_read(work / f"seg{seg.index:02d}" / "state.pkl") as f:
+            with storage.open_read(_state_path(work, seg.index)) as f:
                 state = pickle.load(f)
             stage = next(s for s in stages if s.name == seg.exit.name)
             files = stage.artifacts(state)
@@ -419,6 +462,10 @@ class BeamEngine:
 
 def _spill_path(work: Path, segment: int, task: int, seq: int) -> Path:
     return task_dir(work, segment, task) / f"summary-{seq:06d}.spill"
+
+
+def _state_path(work: Path, segment: int) -> Path:
+    return work / f"seg{segment:02d}" / "state.pkl"
 
 
 def _remove_tree(path: Path) -> None:

@@ -1,0 +1,140 @@
+"""A killed Beam run resumes (issue 11, item 6): barrier states a killed run saved are
+loaded instead of computed again, input files whose shards were written are not read
+again, and the output is byte for byte the uninterrupted run's. The run says what it
+reuses on stderr before the pipeline starts."""
+
+from __future__ import annotations
+
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import make_text, write_jsonl, write_recipe
+
+pytest.importorskip("apache_beam")
+
+from gristmill.pipeline.runner import run_recipe  # noqa: E402
+
+N_FILES = 8
+RUN = ("import sys; from gristmill.pipeline.runner import run_recipe; "
+       "run_recipe(sys.argv[1], progress=False, report=False)")
+
+
+def _corpus(folder: Path) -> None:
+    rng = random.Random(5)
+    pool = [make_text(rng, 60) for _ in range(6)]
+    for f in range(N_FILES):
+        recs = [{"id": f"{f}-{i}", "text": rng.choice(pool) if rng.random() < 0.15
+                 else make_text(rng, rng.randint(20, 120))} for i in range(80)]
+        write_jsonl(folder / f"part-{f:02d}.jsonl", recs)
+
+
+def _recipe(tmp_path: Path, kind: str) -> Path:
+    # small batches and shards make each file's write step long enough to stop a run
+    # between two files
+    return write_recipe(
+        tmp_path / f"{kind}.yaml", name="beam-resume", seed=9,
+        sources=[{"path": str(tmp_path / "corpus")}],
+        stages=[{"stage": "exact_dedup"}, {"stage": "text_stats"},
+                {"stage": "top_fraction", "column": "text_stats_words", "fraction": 0.6},
+                {"stage": "sample", "fraction": 0.9}],
+        output={"path": str(tmp_path / kind), "shard_size": "2KB", "write_dropped": True},
+        engine={"kind": kind, "workers": 1, "batch_size": 2})
+
+
+def _wait_for(cond, proc: subprocess.Popen, timeout: float = 120.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.01)
+    return False
+
+
+def _start(recipe: Path, log: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", RUN, str(recipe)],
+                            stdout=subprocess.DEVNULL, stderr=log.open("w"))
+
+
+def _shards(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes()
+            for sub in ("shards", "dropped", "rejects", "artifacts") if (out / sub).is_dir()
+            for p in sorted((out / sub).rglob("*")) if p.is_file()}
+
+
+def test_beam_run_killed_twice_resumes_and_writes_the_uninterrupted_output(tmp_path):
+    _corpus(tmp_path / "corpus")
+    reference = run_recipe(_recipe(tmp_path, "local"), progress=False, report=False)
+    recipe = _recipe(tmp_path, "beam")
+    work = tmp_path / "beam" / "_work"
+    results = work / "beam"
+
+    # 1. killed once the first barrier (exact_dedup) has saved its state
+    proc = _start(recipe, tmp_path / "run1.log")
+    assert _wait_for(lambda: (work / "seg00" / "state.pkl").exists(), proc), \
+        (tmp_path / "run1.log").read_text()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "beam" / "manifest.json").exists()
+
+    # 2. resumed: says so, reuses the saved state; stopped after its first file is written
+    proc = _start(recipe, tmp_path / "run2.log")
+    assert _wait_for(lambda: any(results.glob("task-*.json")), proc), \
+        (tmp_path / "run2.log").read_text()
+    proc.send_signal(signal.SIGSTOP)
+    written = sorted(results.glob("task-*.json"))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    log2 = (tmp_path / "run2.log").read_text()
+    m = re.search(r"resuming a killed beam run .*: 0 of 8 files already written, ([12]) of 2 "
+                  r"barrier state\(s\) reused; reading 8 file\(s\) again", log2)
+    assert m, log2
+    assert 0 < len(written) < N_FILES, "the run was not stopped between two files"
+    import json
+
+    shards_written = sum(len(json.loads(p.read_text())["shards"]) for p in written)
+    started = time.time_ns()
+
+    # 3. resumed again: only the files not written are read; the output is the same
+    # as the uninterrupted (local engine) run's, byte for byte
+    proc = _start(recipe, tmp_path / "run3.log")
+    assert proc.wait(timeout=300) == 0, (tmp_path / "run3.log").read_text()
+    log3 = (tmp_path / "run3.log").read_text()
+    assert (f"{len(written)} of 8 files already written, 2 of 2 barrier state(s) reused; "
+            f"reading {N_FILES - len(written)} file(s) again") in log3, log3
+    # the shards of the files written before are moved into place, not written again
+    old = [p for p in (tmp_path / "beam" / "shards").iterdir() if p.stat().st_mtime_ns < started]
+    assert shards_written and len(old) == shards_written
+    manifest = json.loads((tmp_path / "beam" / "manifest.json").read_text())
+    assert _shards(tmp_path / "beam") == _shards(tmp_path / "local")
+    assert manifest["counts"] == reference["counts"]
+    assert [(s["rows"], s["sha256"]) for s in manifest["shards"]] == \
+        [(s["rows"], s["sha256"]) for s in reference["shards"]]
+    assert not work.exists()
+
+
+def test_beam_run_killed_before_its_first_barrier_says_it_starts_over(tmp_path):
+    _corpus(tmp_path / "corpus")
+    reference = run_recipe(_recipe(tmp_path, "local"), progress=False, report=False)
+    recipe = _recipe(tmp_path, "beam")
+    work = tmp_path / "beam" / "_work"
+    proc = _start(recipe, tmp_path / "run1.log")
+    # files are being read (an id ledger is written per file), no barrier is done yet
+    assert _wait_for(lambda: any((work / "ids").glob("task-*")), proc), \
+        (tmp_path / "run1.log").read_text()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (work / "seg00" / "state.pkl").exists(), "stopped too late for this test"
+    proc = _start(recipe, tmp_path / "run2.log")
+    assert proc.wait(timeout=300) == 0, (tmp_path / "run2.log").read_text()
+    log = (tmp_path / "run2.log").read_text()
+    assert "saved no barrier state and wrote no file; starting it over" in log, log
+    assert _shards(tmp_path / "beam") == _shards(tmp_path / "local")
+    assert reference["counts"]["read"] == N_FILES * 80
