@@ -351,3 +351,54 @@ def test_a_failed_write_on_s3_leaves_no_object(bucket, size):
     assert storage.glob_files(storage.as_path(f"s3://{bucket}/run/*/*.parquet")) == [path]
     storage.remove_tree(storage.as_path(f"s3://{bucket}/run"))
     assert not storage.exists(path)
+
+
+def test_a_parquet_object_is_downloaded_once_and_split_ones_read_by_row_groups(
+        tmp_path, small_corpus, bucket, monkeypatch):
+    """An unsplit Parquet object is read from S3 once (downloaded while hashed, then
+    read locally), not read by pyarrow and downloaded again to hash it; a split one
+    gives the rows and keys of the unsplit read."""
+    from gristmill.pipeline import inputs as inputs_module
+    from gristmill.pipeline.inputs import InputReader
+    from gristmill.pipeline.readers import FileReport, InputTask
+    from gristmill.pipeline.recipe import SourceSpec
+    from gristmill.pipeline.splits import plan_splits, split_tasks
+
+    url = f"s3://{bucket}/in"
+    _upload(small_corpus, url)
+    obj = f"{url}/part-05.parquet"
+    size = storage.size(obj)
+    read_bytes: list[int] = []
+    real_open = storage.open_read
+
+    class Counting:
+        def __init__(self, f):
+            self.f = f
+
+        def read(self, n=-1):
+            data = self.f.read(n)
+            read_bytes.append(len(data))
+            return data
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(storage, "open_read", lambda p: Counting(real_open(p)))
+    spec = SourceSpec(path=obj)
+    task = InputTask(index=0, source_index=0, path=obj, format="parquet", label="p", size=size)
+    reader = InputReader(task, spec, FileReport(path=obj), 5, None)
+    whole = [t for batch in reader for t in batch.to_pylist()]
+    assert len(whole) == 24 and sum(read_bytes) == size
+    assert reader.fingerprint["xxh3_128"] == inputs_module.hash_file(obj)
+    pieces = split_tasks([task], plan_splits([task], size // 3))
+    assert len(pieces) == 3
+    split = [t for p in pieces
+             for batch in InputReader(p, spec, FileReport(path=obj), 5, None)
+             for t in batch.to_pylist()]
+    assert split == whole

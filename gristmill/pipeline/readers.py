@@ -741,9 +741,14 @@ def read_parquet(task: InputTask, spec: SourceSpec, report: FileReport,
     carried_types = {c: schema.field(c).type for c in spec.columns if c in schema.names}
     f = spec.fields
     row0 = task.first_row
+    groups = task.row_groups if task.row_groups is not None else \
+        range(pf.metadata.num_row_groups)
+    # batches never span two row groups, so a piece of a split file batches its rows
+    # (and counts their bytes) exactly as the whole file does
+    batches = (rb for g in groups for rb in pf.iter_batches(batch_size=batch_size,
+                                                           columns=columns, row_groups=[g]))
     try:
-        for rb in pf.iter_batches(batch_size=batch_size, columns=columns,
-                                  row_groups=task.row_groups):
+        for rb in batches:
             table = pa.Table.from_batches([rb])
             n = table.num_rows
             report.bytes += table.nbytes

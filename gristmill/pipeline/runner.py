@@ -27,10 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
-
 import gristmill
-from gristmill.pipeline import storage
+from gristmill.pipeline import carried_schema, storage
 from gristmill.pipeline.engines.local import EngineResult, LocalEngine
 from gristmill.pipeline.execution import (
     LENGTH_BINS,
@@ -237,6 +235,7 @@ def run_recipe(recipe: Recipe | str | Path, *, fresh: bool = False, engine: str 
             atomic_write_json(run_info, {"fingerprint": fingerprint, "inputs": listing(files),
                                          "splits": plans})
         tasks = split_tasks(files, plans)
+        carried_schema.prepare(recipe, tasks, work)  # one type per carried column
         if recipe.engine.shuffle_partitions is None:  # from the input size, never the workers
             parts = shuffle_partitions_for(sum(t.size for t in tasks))
             recipe = recipe.model_copy(update={"engine": recipe.engine.model_copy(
@@ -331,12 +330,9 @@ def _commit(recipe: Recipe, out: Path, tasks: list[InputTask], result: EngineRes
                              "in": c["in"], "kept": c["kept"], "added": c.get("added", 0),
                              "dropped": sum(c["dropped"].values()),
                              "dropped_by_reason": dict(sorted(c["dropped"].items()))})
-    schema = []
-    if shards:
-        first = out / shards[0]["path"]
-        if recipe.output.format == "parquet":
-            with storage.open_read(first) as fh:
-                schema = [{"name": f.name, "type": str(f.type)} for f in pq.read_schema(fh)]
+    schema = carried_schema.manifest_schema(out, shards) \
+        if recipe.output.format == "parquet" else []
+    plan = carried_schema.load_plan(result.final_dir.parent)
     added = sum(c["added"] for c in stage_counts)
     counts = {"read": read, "rejected": rejected, "dropped": dropped, "added": added,
               "kept": written, "reconciled": read + added == written + dropped + rejected,
@@ -348,6 +344,7 @@ def _commit(recipe: Recipe, out: Path, tasks: list[InputTask], result: EngineRes
         "recipe": recipe.model_dump(mode="json", exclude={"base_dir"}),
         "shards": shards,
         "schema": schema,
+        "schema_conflicts": plan.conflicts if plan is not None else [],
         "counts": counts,
         "ids": repeated_ids([id_ledger_path(result.final_dir.parent, t.index) for t in tasks],
                             {t.file_index: t.file_label for t in tasks}),

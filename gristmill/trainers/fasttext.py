@@ -24,13 +24,15 @@ Example
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +48,41 @@ from gristmill.scorers.fasttext import LABEL_PREFIX, flatten_newlines, predict_p
 
 # halvings of the learning rate tried when fastText diverges (NaN)
 NAN_RETRIES = 3
+M_PERTURB = -6  # glibc's mallopt parameter (malloc.h)
+
+
+@contextmanager
+def zeroed_allocations() -> Iterator[bool]:
+    """Make ``malloc`` return zeroed memory while fastText builds and trains a model.
+
+    fastText (since facebookresearch/fastText#1341, "Predict 1.9-4.2x faster",
+    in the ``fasttext-numpy2`` wheels) allocates its matrices with
+    ``posix_memalign``, which does not clear them, and ``DenseMatrix::uniform``
+    with ``thread`` threads fills only ``thread`` tenths of the input matrix
+    (``uniformThread`` works in blocks of a tenth): with one thread, 90% of the
+    word and n-gram rows start as whatever the process's heap held. In a fresh
+    process that memory comes zeroed from the kernel; after earlier allocations
+    (a test suite, a notebook, a second training) it can hold NaN bit patterns,
+    and training stops with "Encountered NaN" at any learning rate, or gives a
+    different model for the same data and seed. glibc's ``M_PERTURB`` with byte
+    ``0xFF`` fills every ``malloc``/``posix_memalign`` result with
+    ``0xFF ^ 0xFF = 0``, which makes the untouched rows zero, as the older
+    ``std::vector`` storage did: the same model in every process, for a seed.
+    It is restored (to ``MALLOC_PERTURB_`` or 0) afterwards; off glibc nothing
+    is changed and the result says so (False).
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # noqa: B018 (glibc only; AttributeError elsewhere)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        yield False
+        return
+    mallopt(M_PERTURB, 0xFF)
+    try:
+        yield True
+    finally:
+        mallopt(M_PERTURB, int(os.environ.get("MALLOC_PERTURB_", "0") or 0))
 
 
 class FastTextTrainConfig(BaseModel):
@@ -158,10 +195,12 @@ def train_fasttext(texts: Sequence[str] | pa.Array | pa.ChunkedArray, labels: Se
         lr = cfg.lr
         for attempt in range(NAN_RETRIES + 1):
             try:
-                model = fasttext.train_supervised(
-                    input=str(train_file), epoch=cfg.epoch, lr=lr, wordNgrams=cfg.word_ngrams,
-                    dim=cfg.dim, minCount=cfg.min_count, bucket=cfg.bucket, loss=cfg.loss,
-                    thread=cfg.threads, seed=cfg.seed, verbose=0)
+                with zeroed_allocations():
+                    model = fasttext.train_supervised(
+                        input=str(train_file), epoch=cfg.epoch, lr=lr,
+                        wordNgrams=cfg.word_ngrams, dim=cfg.dim, minCount=cfg.min_count,
+                        bucket=cfg.bucket, loss=cfg.loss, thread=cfg.threads, seed=cfg.seed,
+                        verbose=0)
                 break
             except RuntimeError as e:
                 # fastText aborts with "Encountered NaN" when a tiny or very

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from gristmill.pipeline import observe, storage
 from gristmill.pipeline.droplists import drop_list_state
+from gristmill.pipeline.carried_schema import conform_batches, load_plan
 from gristmill.pipeline.execution import (
     Segment,
     TaskStats,
@@ -173,7 +174,9 @@ def task_dir(work: Path, segment: int, task: int) -> Path:
 def _input_batches(recipe: Recipe, work: Path, segment: Segment, task: InputTask,
                    report: FileReport, stats: TaskStats, inputs: InputReader | None):
     if segment.index == 0:
-        for batch in observe.timed_iter(iter(inputs), stats.timings, "read", "read"):
+        # every carried column in the run's one type (carried_schema)
+        batches = conform_batches(inputs, load_plan(work), report)
+        for batch in observe.timed_iter(batches, stats.timings, "read", "read"):
             stats.observe(batch, "in")
             yield batch
         return
