@@ -314,7 +314,7 @@ def _commit(recipe: Recipe, out: Path, tasks: list[InputTask], result: EngineRes
             dst = out / "artifacts" / stage / name
             atomic_write_bytes(dst, data)
             artifacts.append(str(dst.relative_to(out)))
-    stats = TaskStats()
+    stats = result.stats if result.stats is not None else TaskStats()
     for tr in result.tasks:
         stats.merge(tr.stats)
     merge_timings(stats.timings, barrier_times(result.final_dir.parent))

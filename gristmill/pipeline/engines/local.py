@@ -73,6 +73,9 @@ class EngineResult:
     tasks: list[TaskResult]
     artifacts: dict[str, dict[str, bytes]]
     final_dir: Path
+    #: the whole run's statistics, merged as task results came in (then every
+    #: ``TaskResult.stats`` is empty): the driver holds one, not one per task
+    stats: TaskStats | None = None
 
 
 # ---------------------------------------------------------------------------
@@ -411,10 +414,13 @@ class LocalEngine:
         return [results[t.index] for t in tasks]
 
     def _map_partitions(self, fn: Callable[..., Any], args: list[tuple]) -> list[Any]:
-        """``fn(*a)`` for every ``a``, in a pool of ``workers`` processes; results in order."""
-        workers = min(self.recipe.engine.workers, len(args))
-        if workers <= 1:
+        """``fn(*a)`` for every ``a``, in a pool of ``workers`` processes; results in order.
+
+        With ``workers > 1`` even a single partition is reduced in a pool process,
+        so the driver never holds a key partition."""
+        if self.recipe.engine.workers <= 1 or not args:
             return [fn(*a) for a in args]
+        workers = min(self.recipe.engine.workers, len(args))
         ctx = mp.get_context("spawn")
         with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=die_with_parent,
                                     initargs=(os.getpid(),)) as pool:
@@ -442,13 +448,15 @@ def execute_segments(recipe: Recipe, tasks: list[InputTask], work: Path,
     stages = recipe.build_stages()
     segments = plan_segments(stages)
     per_task = [TaskResult(index=t.index) for t in tasks]
+    run_stats = TaskStats()
     artifacts: dict[str, dict[str, bytes]] = {}
     for seg in segments:
         names = [s.name for s in seg.stages] + ([seg.exit.name] if seg.exit else [])
         desc = f"{prefix}segment {seg.index + 1}/{len(segments)} [{', '.join(names) or 'write'}]"
         results = map_tasks(seg, desc)
         for tr, res in zip(per_task, results, strict=True):
-            tr.stats.merge(TaskStats.from_json(res["stats"]))
+            # samples and value samples are per task: merged now, never kept per task
+            run_stats.merge(TaskStats.from_json(res.pop("stats")))
             if seg.index == 0:
                 tr.file = res.get("file", {})
                 tr.rejects_file = res.get("rejects_file")
@@ -463,4 +471,4 @@ def execute_segments(recipe: Recipe, tasks: list[InputTask], work: Path,
             if files:
                 artifacts[exit_stage.name] = files
     return EngineResult(tasks=per_task, artifacts=artifacts,
-                        final_dir=work / f"seg{len(segments) - 1:02d}")
+                        final_dir=work / f"seg{len(segments) - 1:02d}", stats=run_stats)
