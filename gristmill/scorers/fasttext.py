@@ -109,7 +109,8 @@ class FastTextParams(StageParams):
     Attributes
     ----------
     model : str
-        Path of a supervised fastText model file.
+        Path of a supervised fastText model file, or its URL (``s3://...``,
+        fetched once per machine into the model cache, ``model_cache.localize``).
     label : str
         The label whose probability is the score (``__label__1`` for
         PreSelect and gristmill's trainer, ``__label__hq`` for DCLM; the

@@ -514,7 +514,8 @@ class LMLikelihoodParams(ScoringParams):
     Attributes
     ----------
     model : str
-        Folder with a causal LM and its tokenizer (``save_pretrained``).
+        Folder with a causal LM and its tokenizer (``save_pretrained``), or its
+        URL (``s3://...``, fetched once per machine into the model cache).
     target : {"auto", "text", "responses"}
         Score ``text`` (pretraining records) or each of ``responses`` given
         ``prompt`` (SFT records); ``auto`` picks by the batch's columns.

@@ -235,7 +235,7 @@ class ModelSpec(BaseModel):
     """One model of the family: a local transformers folder and its benchmark score."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    path: str = Field(description="folder with a causal LM and its tokenizer")
+    path: str = Field(description="folder (or URL) with a causal LM and its tokenizer")
     score: float = Field(description="benchmark score; higher is better")
 
 

@@ -120,7 +120,7 @@ class GrapeParams(ScoringParams):
     Attributes
     ----------
     model : str, optional
-        Folder of the target model (and tokenizer); the stage scores the
+        Folder (or URL) of the target model (and tokenizer); the stage scores the
         candidates itself. Exactly one of ``model`` and ``scores_from``.
     scores_from : str, optional
         Name of a preceding ``lm_likelihood`` stage whose response columns to use.
