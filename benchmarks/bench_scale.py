@@ -11,7 +11,8 @@ duplicate rate stays the same). Each size runs in a fresh process
 (``engine.workers`` processes below it) and prints: wall time, documents per
 second, time per document relative to the first size, peak RSS of the driver
 and the largest peak RSS of any worker (``getrusage`` of the process and of
-its children). The goals of issue 11 are time per document at 8x within
+its children), and the load average of the machine before and after the size
+ran (the box is shared: wall times are only comparable at similar load). The goals of issue 11 are time per document at 8x within
 1.25x of 1x and peak RSS at 8x within 1.2x of 1x.
 
     .venv/bin/python benchmarks/bench_scale.py --base-mb 200 --sizes 1 2 4 8 --workers 2
@@ -134,8 +135,10 @@ def main() -> None:
         docs = write_corpus(corpus, base * s, seed=s, file_bytes=base // 4)
         out = ROOT / f"out-{args.base_mb:g}mb-x{s}"
         body = recipe(corpus, out, docs, args.workers)
+        load_before = os.getloadavg()
         proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(body)],
                               capture_output=True, text=True)
+        load_after = os.getloadavg()
         if proc.returncode:
             sys.exit(proc.stderr)
         r = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -145,7 +148,8 @@ def main() -> None:
         print(f"{s}x: {r['read']:,} docs, kept {r['kept']:,}, wall {r['wall']:.1f} s, "
               f"{r['read'] / r['wall']:,.0f} docs/s, time/doc {rel:.2f}x of {args.sizes[0]}x, "
               f"peak RSS driver {r['driver_kb'] / 1024:.0f} MB, largest worker "
-              f"{r['worker_kb'] / 1024:.0f} MB", flush=True)
+              f"{r['worker_kb'] / 1024:.0f} MB, load average {load_before[0]:.1f} before, "
+              f"{load_after[0]:.1f} / {load_after[1]:.1f} / {load_after[2]:.1f} after", flush=True)
     first, last = rows[0][1], rows[-1][1]
     print(f"{rows[-1][0]}x vs {rows[0][0]}x: time/doc "
           f"{(last['wall'] / last['read']) / (first['wall'] / first['read']):.2f}x (goal <= 1.25), "

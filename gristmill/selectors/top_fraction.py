@@ -23,8 +23,8 @@ from gristmill.pipeline.stage import GlobalStage, StageOutput, StageParams, spli
 #: a spilled record: the score as a key that sorts ascending in selection order
 #: (``score_key``), the tie-break hash, the weight (characters or 1)
 SPILL_DTYPE = np.dtype([("k", "<u8"), ("t", "<u8"), ("w", "<i8")])
-#: records the k-way merge holds at once (2 x 6 MB), split among the files ...
-MERGE_RECORDS = 1 << 18
+#: records the k-way merge buffers at once (1.5 MB), split among the files ...
+MERGE_RECORDS = 1 << 16
 #: ... but at least this many per file (many files: 6 KB each)
 MIN_CHUNK = 256
 _SIGN = np.uint64(1 << 63)
