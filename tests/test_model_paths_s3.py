@@ -186,3 +186,35 @@ def test_a_missing_s3_model_is_a_recipe_error_naming_the_field(models, tmp_path,
     with pytest.raises(RecipeError, match="output.tokenize.tokenizer: s3://"):
         check_recipe(parse_recipe(body))
     assert not storage.exists(tmp_path / "o")
+
+
+def test_url_lists_and_eval_sets_on_s3_are_read_through_the_cache(tmp_path, bucket,
+                                                                   monkeypatch):
+    import fsspec
+    import pyarrow as pa
+
+    from gristmill.selectors.filters.decontaminate import Decontaminate
+    from gristmill.selectors.filters.url import UrlFilter
+
+    monkeypatch.setenv("GRISTMILL_CACHE", str(tmp_path / "cache"))
+    fs = fsspec.filesystem("s3")
+    fs.pipe_file(f"{bucket}/lists/block.txt", b"# farms\nspam.example\n")
+    f = UrlFilter({"block_domains_files": [f"s3://{bucket}/lists/block.txt"]})
+    f.check(".")
+    f.setup()
+    out = f.process(pa.table({"id": ["a", "b"], "url": ["https://x.spam.example/", "https://ok.org"]}))
+    assert out.kept.column("id").to_pylist() == ["b"]
+    with pytest.raises(ValueError, match="block_domains_files"):
+        UrlFilter({"block_domains_files": [f"s3://{bucket}/lists/none.txt"]}).check(".")
+
+    item = "the miller grinds the grain of the valley every single day before dawn"
+    fs.pipe_file(f"{bucket}/evals/qa/part-0.jsonl", (json.dumps({"text": item}) + "\n").encode())
+    st = Decontaminate({"eval_sets": [{"name": "qa", "path": f"s3://{bucket}/evals/qa"}],
+                        "cache_dir": str(tmp_path / "ngrams")})
+    st.check(".")
+    st.setup()
+    out = st.process(pa.table({"id": ["a", "b"], "text": ["x " + item, "nothing to see here"]}))
+    assert out.dropped.column("reason").to_pylist() == ["contaminated_qa"]
+    with pytest.raises(ValueError, match="globs are not expanded"):
+        Decontaminate({"eval_sets": [{"name": "qa", "path": f"s3://{bucket}/evals/*.jsonl"}]}
+                      ).check(".")
