@@ -205,12 +205,16 @@ def unify_column(name: str, types: Iterable[tuple[str, pa.DataType | None]]
     (column, types with their file counts and first files) when there is one."""
     joined: pa.DataType | None = pa.null()
     seen: dict[str, list[str]] = {}
+    distinct: dict[str, pa.DataType] = {}
     for label, t in types:
         if t is None:
             continue
         seen.setdefault(str(_unwrap(t)), []).append(label)
+        distinct.setdefault(str(t), t)
         if joined is not None:
             joined = promote(joined, t)
+    if joined is not None and not all(_castable(t, joined) for t in distinct.values()):
+        joined = None  # lossless in principle, but this Arrow has no cast for it
     if joined is None:
         conflict = {"column": name, "rule": "json_text", "types": [
             {"type": t, "files": len(files), "first_files": files[:MAX_FILES_NAMED]}
@@ -219,6 +223,14 @@ def unify_column(name: str, types: Iterable[tuple[str, pa.DataType | None]]
     if pa.types.is_null(joined):
         joined = pa.string()
     return pa.field(name, joined), None
+
+
+def _castable(source: pa.DataType, target: pa.DataType) -> bool:
+    try:
+        pa.array([], source).cast(target)
+    except (pa.ArrowNotImplementedError, pa.ArrowInvalid, pa.ArrowTypeError):
+        return False
+    return True
 
 
 def _parquet_types(path: str) -> dict[str, pa.DataType] | None:
