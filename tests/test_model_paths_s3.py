@@ -218,3 +218,23 @@ def test_url_lists_and_eval_sets_on_s3_are_read_through_the_cache(tmp_path, buck
     with pytest.raises(ValueError, match="globs are not expanded"):
         Decontaminate({"eval_sets": [{"name": "qa", "path": f"s3://{bucket}/evals/*.jsonl"}]}
                       ).check(".")
+
+
+def test_tokenize_command_takes_a_tokenizer_url(models, tmp_path, bucket, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from gristmill.cli.main import main
+    from gristmill.pipeline.tokenized import IndexedTokens
+
+    monkeypatch.setenv("GRISTMILL_CACHE", str(tmp_path / "cache"))
+    _upload(models / "tok", f"s3://{bucket}/tok")
+    (tmp_path / "shards").mkdir()
+    pq.write_table(pa.table({"text": ["river stone", "mill wheel water"]}),
+                   tmp_path / "shards" / "part-00000.parquet")
+    for tok, out in ((str(models / "tok"), "local"), (f"s3://{bucket}/tok", "remote")):
+        assert main(["tokenize", "--tokenizer", tok, "--out", str(tmp_path / out),
+                     str(tmp_path / "shards")]) == 0
+    assert IndexedTokens(tmp_path / "remote").tokenizer_path == f"s3://{bucket}/tok"
+    for ext in (".bin", ".idx", ".dom.npy"):
+        assert (tmp_path / f"remote{ext}").read_bytes() == (tmp_path / f"local{ext}").read_bytes()
