@@ -442,10 +442,11 @@ class BeamEngine:
                 with beam.Pipeline(runner=runner, options=options) as p:
                     _build_pipeline(beam, p, self.recipe, todo, work, saved)
         per_task = []
+        run_stats = TaskStats()  # merged as the results are read, never kept per file
         for t in tasks:
             res = json.loads((results_dir / f"task-{t.index:05d}.json").read_text())
+            run_stats.merge(TaskStats.from_json(res.pop("stats")))
             per_task.append(TaskResult(index=t.index, file=res.get("file", {}),
-                                       stats=TaskStats.from_json(res["stats"]),
                                        shards=res["shards"],
                                        rejects_file=res.get("rejects_file"),
                                        dropped_files=res["dropped_files"]))
@@ -458,7 +459,7 @@ class BeamEngine:
             if files:
                 artifacts[stage.name] = files
         return EngineResult(tasks=per_task, artifacts=artifacts,
-                            final_dir=work / f"seg{len(segments) - 1:02d}")
+                            final_dir=work / f"seg{len(segments) - 1:02d}", stats=run_stats)
 
 
 def _spill_path(work: Path, segment: int, task: int, seq: int) -> Path:
