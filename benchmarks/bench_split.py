@@ -12,9 +12,12 @@ Parquet shards) three times, each in its own child process, in one run:
 For each it prints wall time, CPU time (user + system of the child and all its
 workers), CPU utilisation (CPU s / wall s: 2.0 means two cores busy all the
 time), docs/s and MB/s, the speedup of ``split w2`` over both ``w1`` arms, and
-whether ``split w1`` and ``split w2`` wrote the same shard bytes. The planning
-pass (one read of the file: newlines and hashes) is timed on its own too. The
-box is shared, so the load average before and after is printed beside them.
+whether ``split w1`` and ``split w2`` wrote the same shard bytes. "Tasks in
+flight" is the tasks' stage wall time summed over tasks, over the run's wall
+time: 2 means two tasks ran at once all along (busy or waiting for a CPU). The
+planning pass (one read of the file: newlines and hashes) is timed on its own
+too. The box is shared, so the load average before and after is printed beside
+them, and whether the kernel shares CPU time out per session (autogroup).
 
     python benchmarks/bench_split.py --gb 1.0
 """
@@ -81,7 +84,11 @@ def run_arm(name: str, data: Path, split: int | None, workers: int) -> dict:
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     manifest = json.loads((out / "manifest.json").read_text())
+    # wall time of every task's stages, summed over tasks, over the run's wall time: how
+    # many tasks were in flight on average (each task's time counts, busy or waiting)
+    task_wall = sum(st["wall_s"] for st in manifest["timings"]["stages"])
     return {"name": name, "wall": wall, "cpu": cpu, "docs": manifest["counts"]["read"],
+            "in_flight": task_wall / manifest["timings"]["seconds"],
             "shards": [(s["rows"], s["sha256"]) for s in manifest["shards"]]}
 
 
@@ -106,10 +113,12 @@ def main() -> None:
           f"{pc:.2f} s CPU ({size / pw / 1e9:.2f} GB/s)")
     arms = [run_arm("unsplit w1", data, None, 1), run_arm("split w1", data, split, 1),
             run_arm("split w2", data, split, 2)]
-    print("\n| arm | wall s | CPU s | CPU/wall | docs/s | MB/s |\n|---|---|---|---|---|---|")
+    print("\n| arm | wall s | CPU s | CPU/wall | tasks in flight | docs/s | MB/s |\n"
+          "|---|---|---|---|---|---|---|")
     for a in arms:
         print(f"| {a['name']} | {a['wall']:.1f} | {a['cpu']:.1f} | {a['cpu'] / a['wall']:.2f} | "
-              f"{a['docs'] / a['wall']:,.0f} | {size / a['wall'] / 1e6:.1f} |")
+              f"{a['in_flight']:.2f} | {a['docs'] / a['wall']:,.0f} | "
+              f"{size / a['wall'] / 1e6:.1f} |")
     w2 = arms[2]["wall"]
     print(f"\nspeedup of split w2: {arms[0]['wall'] / w2:.2f}x over unsplit w1, "
           f"{arms[1]['wall'] / w2:.2f}x over split w1")
@@ -117,6 +126,10 @@ def main() -> None:
           f" ({len(arms[2]['shards'])} shards); every arm read {arms[0]['docs']:,} records: "
           f"{len({a['docs'] for a in arms}) == 1}")
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    autogroup = Path("/proc/sys/kernel/sched_autogroup_enabled")
+    if autogroup.exists():
+        print(f"kernel.sched_autogroup_enabled = {autogroup.read_text().strip()} (1: CPU time is "
+              f"shared out per session, so a session's share does not grow with its processes)")
 
 
 if __name__ == "__main__":

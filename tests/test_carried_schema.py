@@ -248,6 +248,11 @@ def test_a_conflicting_column_is_carried_as_json_text_and_reported(tmp_path, eng
     assert "carried column 'meta'" in rejects[0]["reason"] and "NaN" in rejects[0]["reason"]
     assert m["counts"]["reconciled"] and m["counts"]["rejected"] == 1
     assert m["counts"]["read"] == 9
+    from gristmill.cli.main import main
+
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "out")]) == 0
+    assert "schema: carried column 'meta' has types" in capsys.readouterr().out
 
 
 @settings(derandomize=True, database=None, deadline=None, max_examples=4,

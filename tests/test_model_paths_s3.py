@@ -21,10 +21,35 @@ from gristmill.pipeline import model_cache, storage
 from gristmill.pipeline.recipe import RecipeError, check_recipe, parse_recipe
 from gristmill.pipeline.runner import run_recipe
 
-# the S3 server and bucket fixtures of test_object_storage, shared by name
-s3_server = test_object_storage.s3_server
-bucket = test_object_storage.bucket
+bucket = test_object_storage.bucket  # a new bucket on this module's server
 _files, _upload = test_object_storage._files, test_object_storage._upload
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    """moto's S3 server for this module (as in test_object_storage, whose session server
+    may be running too): fsspec's cached s3 filesystems are dropped on the way in and out,
+    so this module and the other one each talk to their own server."""
+    import s3fs
+
+    port = test_object_storage._free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
+                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    test_object_storage._wait_port(port, proc, "moto server")
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield env
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    s3fs.S3FileSystem.clear_instance_cache()
+    proc.kill()
+    proc.wait()
 
 PLAIN = "river stone mill grain flour wheel water".split()
 TARGET = "theorem proof lemma integral matrix vector".split()
@@ -161,3 +186,55 @@ def test_a_missing_s3_model_is_a_recipe_error_naming_the_field(models, tmp_path,
     with pytest.raises(RecipeError, match="output.tokenize.tokenizer: s3://"):
         check_recipe(parse_recipe(body))
     assert not storage.exists(tmp_path / "o")
+
+
+def test_url_lists_and_eval_sets_on_s3_are_read_through_the_cache(tmp_path, bucket,
+                                                                   monkeypatch):
+    import fsspec
+    import pyarrow as pa
+
+    from gristmill.selectors.filters.decontaminate import Decontaminate
+    from gristmill.selectors.filters.url import UrlFilter
+
+    monkeypatch.setenv("GRISTMILL_CACHE", str(tmp_path / "cache"))
+    fs = fsspec.filesystem("s3")
+    fs.pipe_file(f"{bucket}/lists/block.txt", b"# farms\nspam.example\n")
+    f = UrlFilter({"block_domains_files": [f"s3://{bucket}/lists/block.txt"]})
+    f.check(".")
+    f.setup()
+    out = f.process(pa.table({"id": ["a", "b"], "url": ["https://x.spam.example/", "https://ok.org"]}))
+    assert out.kept.column("id").to_pylist() == ["b"]
+    with pytest.raises(ValueError, match="block_domains_files"):
+        UrlFilter({"block_domains_files": [f"s3://{bucket}/lists/none.txt"]}).check(".")
+
+    item = "the miller grinds the grain of the valley every single day before dawn"
+    fs.pipe_file(f"{bucket}/evals/qa/part-0.jsonl", (json.dumps({"text": item}) + "\n").encode())
+    st = Decontaminate({"eval_sets": [{"name": "qa", "path": f"s3://{bucket}/evals/qa"}],
+                        "cache_dir": str(tmp_path / "ngrams")})
+    st.check(".")
+    st.setup()
+    out = st.process(pa.table({"id": ["a", "b"], "text": ["x " + item, "nothing to see here"]}))
+    assert out.dropped.column("reason").to_pylist() == ["contaminated_qa"]
+    with pytest.raises(ValueError, match="globs are not expanded"):
+        Decontaminate({"eval_sets": [{"name": "qa", "path": f"s3://{bucket}/evals/*.jsonl"}]}
+                      ).check(".")
+
+
+def test_tokenize_command_takes_a_tokenizer_url(models, tmp_path, bucket, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from gristmill.cli.main import main
+    from gristmill.pipeline.tokenized import IndexedTokens
+
+    monkeypatch.setenv("GRISTMILL_CACHE", str(tmp_path / "cache"))
+    _upload(models / "tok", f"s3://{bucket}/tok")
+    (tmp_path / "shards").mkdir()
+    pq.write_table(pa.table({"text": ["river stone", "mill wheel water"]}),
+                   tmp_path / "shards" / "part-00000.parquet")
+    for tok, out in ((str(models / "tok"), "local"), (f"s3://{bucket}/tok", "remote")):
+        assert main(["tokenize", "--tokenizer", tok, "--out", str(tmp_path / out),
+                     str(tmp_path / "shards")]) == 0
+    assert IndexedTokens(tmp_path / "remote").tokenizer_path == f"s3://{bucket}/tok"
+    for ext in (".bin", ".idx", ".dom.npy"):
+        assert (tmp_path / f"remote{ext}").read_bytes() == (tmp_path / f"local{ext}").read_bytes()

@@ -204,7 +204,8 @@ LINES = st.one_of(
 )
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(derandomize=True, database=None, deadline=None, max_examples=80,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(lines=st.lists(st.tuples(LINES, st.sampled_from([b"\n", b"\r\n"])), min_size=1,
                       max_size=30),
        trailing=st.booleans(), bom=st.booleans(), split=st.integers(1, 120))

@@ -69,9 +69,10 @@ def load_train_config(path: str, overrides: list[str]):
 
 
 def run_tokenize(args: argparse.Namespace) -> int:
+    from gristmill.pipeline.model_cache import is_model_folder, localize
     from gristmill.pipeline.tokenized import IndexedTokens, tokenize_shards
 
-    if not Path(args.tokenizer).is_dir():
+    if not is_model_folder(args.tokenizer):
         raise CommandError(f"tokenize: --tokenizer {args.tokenizer} is not a folder")
     try:
         files = shard_files(args.shards)
@@ -80,9 +81,9 @@ def run_tokenize(args: argparse.Namespace) -> int:
     missing = [str(f) for f in files if not f.exists()]
     if missing:
         raise CommandError(f"tokenize: no such shard file(s): {', '.join(missing)}")
-    tokenize_shards(files, args.tokenizer, args.out, text_column=args.text_column,
+    tokenize_shards(files, localize(args.tokenizer), args.out, text_column=args.text_column,
                     domain_column=args.domain_column or None, append_eos=not args.no_eos,
-                    batch_size=args.batch_size)
+                    batch_size=args.batch_size, tokenizer_label=args.tokenizer)
     print(IndexedTokens(args.out))
     return 0
 
@@ -99,7 +100,8 @@ def run_train_lm(args: argparse.Namespace) -> int:
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     tok = subparsers.add_parser("tokenize", help="tokenize output shards into Megatron .bin/.idx")
     tok.add_argument("shards", nargs="+", help="shard files, shard folders or run output folders")
-    tok.add_argument("--tokenizer", required=True, help="Hugging Face tokenizer folder")
+    tok.add_argument("--tokenizer", required=True, help="Hugging Face tokenizer folder, or its URL "
+                     "(s3://..., fetched into the model cache)")
     tok.add_argument("--out", required=True, help="output prefix (writes .bin, .idx, .dom.npy, .domains.json)")
     tok.add_argument("--text-column", default="text", help="column holding the text")
     tok.add_argument("--domain-column", default="domain", help="empty string to ignore domains")

@@ -87,6 +87,10 @@ def _print_summary(manifest: dict, out: Path) -> None:
         print(f"  ids: {ids['repeated_ids']:,} ids repeat over "
               f"{ids['records_with_repeated_id']:,} records (counted, never used to drop: "
               f"records are tracked by file and line){where}")
+    for conflict in manifest.get("schema_conflicts") or []:
+        from gristmill.pipeline.carried_schema import describe_conflict
+
+        print(f"  schema: {describe_conflict(conflict)}")
     bad = [f for f in manifest["files"] if f.get("status") not in (None, "ok")]
     for f in bad:
         print(f"  file {f['path']}: {f['status']} ({f.get('error')})")

@@ -48,6 +48,7 @@ import base64
 import json
 import sys
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,7 @@ from gristmill.pipeline.stage import KEY_POS_MASK, ROW_KEY
 JSON_TEXT = {b"gristmill": b"json_text"}
 PLAN_FILE = "carried_schema.json"
 MAX_FILES_NAMED = 5
+FOOTER_THREADS = 16
 _CANONICAL = frozenset({"id", "text", "domain", "source", ROW_KEY, "prompt", "responses",
                         "response_sources"})
 
@@ -203,12 +205,16 @@ def unify_column(name: str, types: Iterable[tuple[str, pa.DataType | None]]
     (column, types with their file counts and first files) when there is one."""
     joined: pa.DataType | None = pa.null()
     seen: dict[str, list[str]] = {}
+    distinct: dict[str, pa.DataType] = {}
     for label, t in types:
         if t is None:
             continue
         seen.setdefault(str(_unwrap(t)), []).append(label)
+        distinct.setdefault(str(t), t)
         if joined is not None:
             joined = promote(joined, t)
+    if joined is not None and not all(_castable(t, joined) for t in distinct.values()):
+        joined = None  # lossless in principle, but this Arrow has no cast for it
     if joined is None:
         conflict = {"column": name, "rule": "json_text", "types": [
             {"type": t, "files": len(files), "first_files": files[:MAX_FILES_NAMED]}
@@ -217,6 +223,14 @@ def unify_column(name: str, types: Iterable[tuple[str, pa.DataType | None]]
     if pa.types.is_null(joined):
         joined = pa.string()
     return pa.field(name, joined), None
+
+
+def _castable(source: pa.DataType, target: pa.DataType) -> bool:
+    try:
+        pa.array([], source).cast(target)
+    except (pa.ArrowNotImplementedError, pa.ArrowInvalid, pa.ArrowTypeError):
+        return False
+    return True
 
 
 def _parquet_types(path: str) -> dict[str, pa.DataType] | None:
@@ -240,16 +254,18 @@ def plan_carried(recipe: Any, tasks: list[Any]) -> CarriedPlan:
     if not names:
         return CarriedPlan()
     per_column: dict[str, list[tuple[str, pa.DataType | None]]] = {n: [] for n in names}
-    done: set[str] = set()
+    files: dict[str, Any] = {}  # path -> its first task (a split file has several)
     for task in tasks:
-        if task.path in done:
-            continue  # a piece of a file already seen
-        done.add(task.path)
+        if recipe.sources[task.source_index].columns:
+            files.setdefault(task.path, task)
+    parquet = [p for p, t in files.items() if t.format == "parquet"]
+    # footers are small reads; on an object store their latency dominates: read in parallel
+    with ThreadPoolExecutor(FOOTER_THREADS) as pool:
+        footers = dict(zip(parquet, pool.map(_parquet_types, parquet), strict=True))
+    for path, task in files.items():
         carried = recipe.sources[task.source_index].columns
-        if not carried:
-            continue
-        file_types = (_parquet_types(task.path) if task.format == "parquet"
-                      else {c: pa.string() for c in carried})
+        file_types = footers[path] if task.format == "parquet" else {
+            c: pa.string() for c in carried}
         if file_types is None:
             continue
         for c in carried:

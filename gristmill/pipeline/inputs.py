@@ -7,10 +7,12 @@ Fingerprints
     mtime are taken when the run lists its inputs (``_work/run.json``); the hash
     is computed by the task that reads the file, from the raw bytes as the
     reader reads them (JSONL, compressed or not: the file is read once, which
-    matters for an object in S3), or by reading it again (Parquet, read by
-    ranges, or a file the reader stopped reading at a fault), and lands in the
-    manifest. On an object store the modification time is the object's
-    last-modified time.
+    matters for an object in S3; a Parquet object in an object store is
+    downloaded once to a local temporary file, hashed on the way, and read
+    there), or by reading it again (a local Parquet file, read by ranges, or a
+    file the reader stopped reading at a fault), or by the split plan (a file
+    read by several tasks, see ``splits``), and lands in the manifest. On an
+    object store the modification time is the object's last-modified time.
     A resume or re-run compares the inputs it finds with the recorded ones and
     refuses (``InputsChanged``, exit 2) naming every added, removed or changed
     file, unless ``--fresh``. A file whose mtime moved but whose size and hash

@@ -38,7 +38,10 @@ Carried columns (``columns:``)
     ``'{"a":[1,2]}'``; numbers are written as Python's ``json`` writes them,
     ``1.50`` as ``1.5``); ``null`` or a missing field is null; a value holding
     ``NaN`` or an infinite number is rejected. The user's ``id`` and the
-    ``domain`` follow the same rule from JSONL.
+    ``domain`` follow the same rule from JSONL. Files of a run can give one
+    carried column different types: the engines conform every batch to one
+    type per column, planned from every input before reading (lossless
+    promotion, else JSON text; ``carried_schema``).
 
 Parquet, strictly
     ``text`` and ``prompt`` must be string columns (``string``,
