@@ -9,9 +9,9 @@ gristmill's readers validate as they read (UTF-8 of every block, one row per
 line). Two plain arms: one that validates nothing, one that runs
 ``Table.validate(full=True)`` (UTF-8 of every string) on each file it read.
 
-The recipe runs twice: ``workers: 1`` (one process; its shard writer encodes in
-a thread of its own and pyarrow parses each block in parallel chunks) and
-``workers: 2`` (two processes over the 8 files). The plain loop's
+The recipe runs twice: ``workers: 1`` (one process; pyarrow parses each block
+in parallel chunks, everything else runs on one core) and ``workers: 2`` (two
+processes over the 8 files). The plain loop's
 ``read_json`` parses a whole file with all cores, so on an otherwise idle
 machine the fair wall comparison is against the recipe that may use all cores
 too; the CPU seconds compare the work done whatever the cores. ``--rounds``

@@ -1,12 +1,11 @@
 """The shard writer and the per-batch statistics of a task: the cheaper ways they
-work now (a writing thread, dictionary-encoded constant columns, text lengths from
-offsets, an unchanged batch counted without being measured again) give the same
-shards and the same figures as the plain ways."""
+work now (dictionary encoding only for the repeating columns, buffered output,
+text lengths from offsets, an unchanged batch counted without being measured
+again) give valid shards that read back as written, and the same figures as the
+plain ways."""
 
 from __future__ import annotations
 
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +13,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import pytest
 
-from gristmill.pipeline import observe
 from gristmill.pipeline.execution import TaskStats, text_lengths
 from gristmill.pipeline.inputs import repeated_ids, write_id_ledger
 from gristmill.pipeline.stage import ROW_KEY
@@ -39,8 +36,8 @@ def _batches(n_batches: int = 12, rows: int = 300) -> list[pa.Table]:
     return out
 
 
-def _write(folder: Path, background: bool, batches: list[pa.Table]) -> list[dict]:
-    w = ShardWriter(folder, "parquet", shard_bytes=40_000, background=background)
+def _write(folder: Path, batches: list[pa.Table]) -> list[dict]:
+    w = ShardWriter(folder, "parquet", shard_bytes=40_000)
     for b in batches:
         w.write(b)
     shards = [s.to_dict() for s in w.close()]
@@ -48,30 +45,29 @@ def _write(folder: Path, background: bool, batches: list[pa.Table]) -> list[dict
     return shards
 
 
-def test_the_writing_thread_writes_the_bytes_of_a_writer_without_one(tmp_path):
+def test_shards_are_valid_and_read_back_as_written_by_pyarrow_and_polars(tmp_path):
     batches = _batches()
-    threaded = _write(tmp_path / "threaded", True, batches)
-    plain = _write(tmp_path / "plain", False, batches)
-    assert len(threaded) > 2  # several shards: the size cap is checked in the thread too
-    assert threaded == plain
-    for s in threaded:
-        p = tmp_path / "threaded" / s["path"]
-        assert (p.read_bytes() == (tmp_path / "plain" / s["path"]).read_bytes())
+    shards = _write(tmp_path, batches)
+    assert len(shards) > 2  # several shards: the size cap counts the buffered bytes
+    assert sum(s["rows"] for s in shards) == sum(b.num_rows for b in batches)
+    for s in shards:
+        p = tmp_path / s["path"]
         assert sha256_file(p) == s["sha256"] and p.stat().st_size == s["bytes"]
-    # every shard is valid and reads back as written, with plain string columns
-    back = pa.concat_tables([pq.read_table(tmp_path / "threaded" / s["path"])
-                             for s in threaded])
+    back = pa.concat_tables([pq.read_table(tmp_path / s["path"]) for s in shards])
     back.validate(full=True)
-    assert back.schema == batches[0].schema
+    assert back.schema == batches[0].schema  # plain string columns, not dictionaries
     assert back.equals(pa.concat_tables(batches))
-    frame = pl.concat([pl.read_parquet(tmp_path / "threaded" / s["path"]) for s in threaded])
+    frame = pl.concat([pl.read_parquet(tmp_path / s["path"]) for s in shards])
     assert frame["source"].dtype == pl.String and frame["domain"].dtype == pl.String
     assert frame["domain"].to_list() == back.column("domain").to_pylist()
     assert frame["source"].to_list() == back.column("source").to_pylist()
+    # the same tables in a second writer give the same bytes (no state leaks between shards)
+    again = _write(tmp_path / "again", batches)
+    assert again == shards
 
 
 def test_constant_columns_are_dictionary_encoded_and_text_has_no_statistics(tmp_path):
-    shards = _write(tmp_path, True, _batches(2))
+    shards = _write(tmp_path, _batches(2))
     meta = pq.read_metadata(tmp_path / shards[0]["path"])
     names = meta.schema.to_arrow_schema().names
     group = meta.row_group(0)
@@ -82,36 +78,6 @@ def test_constant_columns_are_dictionary_encoded_and_text_has_no_statistics(tmp_
     assert not col["text"].is_stats_set
     assert col[ROW_KEY].is_stats_set and col[ROW_KEY].statistics.min == 0
     assert col["id"].compression == "ZSTD"
-
-
-def test_an_error_of_the_writing_thread_is_raised_by_the_writer(tmp_path):
-    blocked = tmp_path / "not-a-folder"
-    blocked.write_text("a file where the shard folder should be")
-    w = ShardWriter(blocked / "shards", "parquet", background=True)
-    with pytest.raises(OSError):
-        for b in _batches(6):
-            w.write(b)
-        w.close()
-    assert blocked.read_text().startswith("a file")  # nothing written over it
-
-
-def test_the_writing_threads_cpu_is_left_out_of_the_other_clocks():
-    burned = []
-
-    def burn() -> None:
-        with observe.background_thread():
-            c = time.thread_time()
-            while time.thread_time() - c < 0.3:
-                sum(range(1000))
-            burned.append(time.thread_time() - c)
-
-    timings: dict = {}
-    with observe.clock(timings, "read", "read"):
-        t = threading.Thread(target=burn)
-        t.start()
-        t.join()
-    assert burned and burned[0] >= 0.3
-    assert timings["read"]["read"][1] < 0.1  # the main thread only waited
 
 
 def test_text_lengths_count_characters_whether_ascii_or_not():

@@ -22,21 +22,16 @@ the redacting stage itself would drop is stored with its text withheld.
 
 Time per stage is wall-clock (``time.perf_counter``) and CPU
 (``time.process_time``, the whole worker process, so threads a stage starts are
-included, less the threads registered with ``background_thread``: the shard
-writer's, which times itself) seconds, summed over tasks and workers, per
-phase: ``process``
+included) seconds, summed over tasks and workers, per phase: ``process``
 (row stages), ``summarize``/``keys`` (the tasks' half of a barrier),
 ``barrier`` (merging summaries or reducing and resolving keys, outside the
 tasks) and ``apply``. The pseudo-stages ``read``, ``spill`` and ``write`` are the readers,
-the spill files between segments and the shard writer. The shard writer runs
-in a thread beside the rest of its task, so the wall seconds of ``write``
-overlap those of the other phases of the task.
+the spill files between segments and the shard writer.
 """
 
 from __future__ import annotations
 
 import json
-import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator
@@ -97,53 +92,14 @@ def merge_timings(into: dict[str, dict[str, list[float]]],
             add_time(into, stage, phase, wall, cpu)
 
 
-_BACKGROUND_LOCK = threading.Lock()
-#: thread ident -> CPU clock of the threads registered by ``background_thread``
-_BACKGROUND_CLOCKS: dict[int, int] = {}
-#: CPU seconds of background threads that have ended
-_BACKGROUND_ENDED = [0.0]
-
-
-@contextmanager
-def background_thread() -> Iterator[None]:
-    """Leave the CPU seconds of the calling thread out of every clock of this
-    process while the ``with`` body runs (a thread that measures its own time,
-    such as the shard writer's, whose CPU would otherwise also be counted in
-    whatever phase the task's main thread is in). Without per-thread CPU clocks
-    (``time.pthread_getcpuclockid``: not on Windows) nothing is left out."""
-    ident = threading.get_ident()
-    try:
-        clock_id = time.pthread_getcpuclockid(ident)
-    except (AttributeError, OSError):
-        yield
-        return
-    with _BACKGROUND_LOCK:
-        _BACKGROUND_ENDED[0] -= time.clock_gettime(clock_id)  # count from now on only
-        _BACKGROUND_CLOCKS[ident] = clock_id
-    try:
-        yield
-    finally:
-        with _BACKGROUND_LOCK:
-            _BACKGROUND_ENDED[0] += time.clock_gettime(clock_id)
-            del _BACKGROUND_CLOCKS[ident]
-
-
-def cpu_time() -> float:
-    """CPU seconds of this process (all threads) less those of background threads."""
-    with _BACKGROUND_LOCK:
-        background = _BACKGROUND_ENDED[0] + sum(time.clock_gettime(c)
-                                                for c in _BACKGROUND_CLOCKS.values())
-        return time.process_time() - background
-
-
 @contextmanager
 def clock(timings: dict[str, dict[str, list[float]]], stage: str, phase: str) -> Iterator[None]:
     """Add the wall and CPU seconds of the ``with`` body to ``timings[stage][phase]``."""
-    w, c = time.perf_counter(), cpu_time()
+    w, c = time.perf_counter(), time.process_time()
     try:
         yield
     finally:
-        add_time(timings, stage, phase, time.perf_counter() - w, cpu_time() - c)
+        add_time(timings, stage, phase, time.perf_counter() - w, time.process_time() - c)
 
 
 def timed_iter(items: Iterable[Any], timings: dict[str, dict[str, list[float]]], stage: str,
@@ -151,13 +107,13 @@ def timed_iter(items: Iterable[Any], timings: dict[str, dict[str, list[float]]],
     """Yield from ``items``, timing only the time spent producing each item."""
     it = iter(items)
     while True:
-        w, c = time.perf_counter(), cpu_time()
+        w, c = time.perf_counter(), time.process_time()
         try:
             item = next(it)
         except StopIteration:
-            add_time(timings, stage, phase, time.perf_counter() - w, cpu_time() - c)
+            add_time(timings, stage, phase, time.perf_counter() - w, time.process_time() - c)
             return
-        add_time(timings, stage, phase, time.perf_counter() - w, cpu_time() - c)
+        add_time(timings, stage, phase, time.perf_counter() - w, time.process_time() - c)
         yield item
 
 
@@ -167,7 +123,7 @@ def _timings_dir(work: Path) -> Path:
 
 def start_clock() -> tuple[float, float]:
     """(wall, CPU) now, for ``save_barrier_time``."""
-    return time.perf_counter(), cpu_time()
+    return time.perf_counter(), time.process_time()
 
 
 def save_barrier_time(work: Path, stage: str, phase: str, started: tuple[float, float]) -> None:
@@ -175,7 +131,7 @@ def save_barrier_time(work: Path, stage: str, phase: str, started: tuple[float, 
     task: on the driver, a Dask worker or in a Beam transform) as a small file
     under ``work/timings``; ``barrier_times`` adds them up at commit."""
     save_time(work, stage, phase, time.perf_counter() - started[0],
-              cpu_time() - started[1])
+              time.process_time() - started[1])
 
 
 def save_time(work: Path, stage: str, phase: str, wall: float, cpu: float) -> None:

@@ -3,24 +3,13 @@
 Every file is written under a temporary name in its final folder and renamed
 when complete (on an object store: see ``storage.AtomicFile``), so a reader
 (or a resumed run) never sees a partial file.
-
-Shards are encoded in a thread of their own (``ShardWriter(background=True)``,
-the default): Arrow's Parquet encoder and zstd release the GIL, so a task
-reads and parses its next batch while the last one is compressed and written,
-and one worker uses two cores, as a plain pyarrow loop's threaded JSON parser
-does. Tables are written in the order given, by one thread, so the bytes are
-those a writer without the thread writes.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import queue
-import threading
 import time
-import weakref
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +17,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from gristmill.pipeline import observe, storage
+from gristmill.pipeline import storage
 from gristmill.pipeline.storage import AtomicFile, as_path, tmp_name
 
 __all__ = ["AtomicFile", "ShardInfo", "ShardWriter", "atomic_write_bytes", "atomic_write_json",
@@ -58,11 +47,8 @@ class _HashingSink:
         self._sink = sink
         self.sha256 = hashlib.sha256()
         self.closed = False
-        self.discarding = False  # the shard was thrown away: swallow what is left
 
     def write(self, data: bytes) -> int:
-        if self.discarding:
-            return len(data)
         self.sha256.update(data)
         self._sink.file.write(data)
         return len(data)
@@ -96,50 +82,40 @@ class ShardInfo:
 
 class ShardWriter:
     """Writes tables into ``folder/part-NNNNN.<ext>``, starting a new shard once
-    the current one reaches ``shard_bytes``. ``close()`` returns the shards.
-
-    With ``background`` (the default) the tables are written by a thread of the
-    writer's own, at most ``QUEUED`` tables behind ``write()``; an error of that
-    thread (disk full) is raised by the next ``write()`` or by ``close()``.
-    ``seconds`` holds the wall and CPU seconds the writing took (CPU of the
-    writing thread alone: ``observe``'s clocks leave it out of every other
-    phase).
+    the current one reaches ``shard_bytes``. ``close()`` returns the shards;
+    ``seconds`` holds the wall and CPU seconds the writing took.
 
     Parquet: zstd level 3, a row group per table written; only the columns that
     repeat (``source``, ``domain``) are dictionary-encoded (a dictionary tried
     on a free-text column is hashed and then thrown away), and min/max
     statistics are kept for every column but the text (``text``, ``prompt``,
-    ``responses``): nobody filters on them, and they are as long as a record.
+    ``responses``, ``response_sources``): nobody filters on them, and they are
+    as long as a record. Arrow's output is gathered ``BUFFER`` bytes at a time
+    before it reaches the hashing sink (one call into Python per 8 MiB, not per
+    page); the bytes are the same.
     """
 
-    QUEUED = 2
-    #: bytes Arrow gathers before handing them to the (Python) hashing sink: one call
-    #: into Python, and one take of the GIL by the writing thread, per 8 MiB, not per page
     BUFFER = 8 << 20
     DICTIONARY_COLUMNS = ("source", "domain")
     NO_STATISTICS = frozenset({"text", "prompt", "responses", "response_sources"})
 
     def __init__(self, folder: Path, fmt: str = "parquet", shard_bytes: int = 256 << 20,
-                 prefix: str = "part", background: bool = True) -> None:
+                 prefix: str = "part") -> None:
         if fmt not in ("parquet", "jsonl"):
             raise ValueError(f"format must be parquet or jsonl, got {fmt!r}")
         self.folder = as_path(folder)
         self.fmt = fmt
         self.shard_bytes = shard_bytes
         self.prefix = prefix
-        self.background = background
         self.shards: list[ShardInfo] = []
         self.schema: pa.Schema | None = None
-        self.seconds = [0.0, 0.0]  # wall, CPU of the writing
+        self.seconds = [0.0, 0.0]  # wall, CPU
         self._sink: AtomicFile | None = None
         self._out: _HashingSink | None = None
         self._writer: pq.ParquetWriter | None = None
         self._stream: pa.NativeFile | None = None
         self._path: Path | None = None
         self._rows = 0
-        self._queue: queue.Queue | None = None
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
 
     def _open(self) -> None:
         storage.mkdirs(self.folder)
@@ -160,37 +136,18 @@ class ShardWriter:
     def write(self, table: pa.Table) -> None:
         if table.num_rows == 0:
             return
-        if self.schema is None:
-            self.schema = table.schema
-        elif table.schema != self.schema:
-            table = table.select(self.schema.names).cast(self.schema)
-        if not self.background:
-            self._write_timed(table)
-            return
-        self._raise_error()
-        if self._thread is None:
-            self._queue = queue.Queue(self.QUEUED)
-            self._thread = threading.Thread(target=_write_behind,
-                                            args=(weakref.ref(self), self._queue),
-                                            name=f"gristmill-shards-{self.folder.name}",
-                                            daemon=True)
-            self._thread.start()
-        while True:  # the thread may stop at an error: never wait on a full queue for ever
-            try:
-                self._queue.put(table, timeout=0.5)
-                return
-            except queue.Full:
-                self._raise_error()
-
-    def _write_timed(self, table: pa.Table) -> None:
-        w, c = time.perf_counter(), time.thread_time()
+        w, c = time.perf_counter(), time.process_time()
         try:
             self._write(table)
         finally:
             self.seconds[0] += time.perf_counter() - w
-            self.seconds[1] += time.thread_time() - c
+            self.seconds[1] += time.process_time() - c
 
     def _write(self, table: pa.Table) -> None:
+        if self.schema is None:
+            self.schema = table.schema
+        elif table.schema != self.schema:
+            table = table.select(self.schema.names).cast(self.schema)
         if self._sink is None:
             self._open()
         if self.fmt == "parquet":
@@ -203,12 +160,6 @@ class ShardWriter:
         written = self._stream.tell() if self._stream is not None else self._sink.tell()
         if written >= self.shard_bytes:
             self._finish()
-
-    def _raise_error(self) -> None:
-        if self._error is not None:
-            error, self._error = self._error, None
-            self._abort()
-            raise error
 
     def _finish(self) -> None:
         if self._sink is None:
@@ -223,51 +174,9 @@ class ShardWriter:
                                      sha256=self._out.sha256.hexdigest()))
         self._sink = self._out = None
 
-    def _abort(self) -> None:
-        """Throw the shard being written away (after an error of the writing thread)."""
-        if self._out is not None:
-            self._out.discarding = True
-        for part in (self._writer, self._stream):
-            if part is not None:
-                with contextlib.suppress(Exception):
-                    part.close()
-        if self._sink is not None:
-            self._sink.abort()
-        self._sink = self._out = self._writer = self._stream = None
-
     def close(self) -> list[ShardInfo]:
-        if self._thread is not None:
-            self._queue.put(_END)
-            self._thread.join()
-            self._thread = None
-            self._raise_error()
-        w, c = time.perf_counter(), time.thread_time()
+        w, c = time.perf_counter(), time.process_time()
         self._finish()
         self.seconds[0] += time.perf_counter() - w
-        self.seconds[1] += time.thread_time() - c
+        self.seconds[1] += time.process_time() - c
         return self.shards
-
-
-_END = object()
-
-
-def _write_behind(ref: weakref.ref, tables: queue.Queue) -> None:
-    """The writing thread of a ``ShardWriter`` (held by a weak reference, so a writer
-    dropped without ``close()``, after an error of its caller, ends the thread)."""
-    with observe.background_thread():
-        while True:
-            try:
-                table = tables.get(timeout=1.0)
-            except queue.Empty:
-                if ref() is None:
-                    return
-                continue
-            writer = ref()
-            if table is _END or writer is None:
-                return
-            if writer._error is None:
-                try:
-                    writer._write_timed(table)
-                except BaseException as e:  # handed to the caller's thread
-                    writer._error = e
-            del writer, table

@@ -301,7 +301,7 @@ def _build_pipeline(beam, p, recipe: Recipe, tasks: list[InputTask], work: Path,
                                  self.recipe.output.format, self.recipe.output.shard_size)
             for _, batch in sorted(groups["rows"], key=lambda r: r[0]):
                 stats.observe(batch, "out")
-                writer.write(batch)  # written by the writer's thread, which times itself
+                writer.write(batch)  # the writer times itself (ShardWriter.seconds)
             result["shards"] = [s.to_dict() for s in writer.close()]
             observe.add_time(stats.timings, "write", "write", *writer.seconds)
             result["stats"] = stats.to_json()

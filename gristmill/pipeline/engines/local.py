@@ -251,7 +251,7 @@ def _run_task(recipe: Recipe, work: Path, segment_index: int, task: InputTask) -
         rows_out += batch.num_rows
         if segment.is_last:
             stats.observe(batch, "out")
-            shard_writer.write(batch)  # written by the writer's thread, which times itself
+            shard_writer.write(batch)  # the writer times itself (ShardWriter.seconds)
             continue
         with observe.clock(stats.timings, "spill", "write"):
             if spill_writer is None:
