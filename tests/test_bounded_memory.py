@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import io
 import random
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -105,6 +106,7 @@ def test_drop_lists_read_per_file_give_the_same_kept_and_dropped_rows(tmp_path, 
         assert (keys >> KEY_POS_BITS == f).all() and (np.diff(keys.astype(np.int64)) > 0).all()
         assert firsts == keys[::batch_rows].tolist()
     monkeypatch.setattr(droplists, "CACHED_BATCHES", 2)
+    monkeypatch.setattr(droplists, "_BATCHES", OrderedDict())  # none from earlier tests
     for size in (7, 60, 300):  # batches within a file, across files, the whole corpus
         for s in range(0, corpus.num_rows, size):
             batch = corpus.slice(s, size)
