@@ -90,12 +90,9 @@ class ShardWriter:
     on a free-text column is hashed and then thrown away), and min/max
     statistics are kept for every column but the text (``text``, ``prompt``,
     ``responses``, ``response_sources``): nobody filters on them, and they are
-    as long as a record. Arrow's output is gathered ``BUFFER`` bytes at a time
-    before it reaches the hashing sink (one call into Python per 8 MiB, not per
-    page); the bytes are the same.
+    as long as a record.
     """
 
-    BUFFER = 8 << 20
     DICTIONARY_COLUMNS = ("source", "domain")
     NO_STATISTICS = frozenset({"text", "prompt", "responses", "response_sources"})
 
@@ -113,7 +110,6 @@ class ShardWriter:
         self._sink: AtomicFile | None = None
         self._out: _HashingSink | None = None
         self._writer: pq.ParquetWriter | None = None
-        self._stream: pa.NativeFile | None = None
         self._path: Path | None = None
         self._rows = 0
 
@@ -126,10 +122,8 @@ class ShardWriter:
         self._out = _HashingSink(self._sink)
         if self.fmt == "parquet":
             names = self.schema.names
-            self._stream = pa.BufferedOutputStream(pa.PythonFile(self._out, mode="w"),
-                                                   self.BUFFER)
             self._writer = pq.ParquetWriter(
-                self._stream, self.schema, compression="zstd", compression_level=3,
+                self._out, self.schema, compression="zstd", compression_level=3,
                 use_dictionary=[c for c in self.DICTIONARY_COLUMNS if c in names],
                 write_statistics=[c for c in names if c not in self.NO_STATISTICS])
 
@@ -157,8 +151,7 @@ class ShardWriter:
 
             pl.from_arrow(table).write_ndjson(self._out)
         self._rows += table.num_rows
-        written = self._stream.tell() if self._stream is not None else self._sink.tell()
-        if written >= self.shard_bytes:
+        if self._sink.tell() >= self.shard_bytes:
             self._finish()
 
     def _finish(self) -> None:
@@ -166,8 +159,7 @@ class ShardWriter:
             return
         if self._writer is not None:
             self._writer.close()
-            self._stream.close()  # flushes into the hashing sink
-            self._writer = self._stream = None
+            self._writer = None
         n_bytes = self._sink.tell()
         self._sink.commit()
         self.shards.append(ShardInfo(path=self._path.name, rows=self._rows, bytes=n_bytes,
