@@ -331,18 +331,52 @@ def test_killing_the_engine_process_takes_its_workers_with_it(tmp_path):
     assert not alive, [c.pid for c in alive]
 
 
-def test_id_ledger_partitions_are_a_pure_function_of_the_id_bytes():
-    from gristmill.pipeline.inputs import ID_PARTITIONS, _id_partition
+def test_id_ledger_buckets_are_a_pure_function_of_the_id_bytes():
+    from gristmill.pipeline.inputs import ID_BUCKETS, _id_bucket
 
     ids = pa.array(["a", "b", "a", None, "", "héllo", "x" * 50])
-    parts = _id_partition(ids).to_pylist()
-    # pinned: a change here changes how resumed runs route ids written before it
-    assert parts == [9, 13, 9, 3, 3, 14, 9]
-    assert _id_partition(ids.slice(2)).to_pylist() == parts[2:]
-    assert _id_partition(pa.chunked_array([ids.slice(0, 3), ids.slice(3)])).to_pylist() == parts
-    spread = _id_partition(pa.array([f"{i}-{i * 7}" for i in range(32_000)])).to_numpy()
-    counts = np.bincount(spread, minlength=ID_PARTITIONS)
-    assert counts.min() > 1_800 and counts.max() < 2_200
+    buckets = _id_bucket(ids).to_pylist()
+    # pinned (mod 16: the partitions of the ledgers before buckets); a change here
+    # changes how resumed runs route ids written before it
+    assert [b % 16 for b in buckets] == [9, 13, 9, 3, 3, 14, 9]
+    assert buckets[0] == buckets[2] and buckets[3] == buckets[4]
+    assert _id_bucket(ids.slice(2)).to_pylist() == buckets[2:]
+    assert _id_bucket(pa.chunked_array([ids.slice(0, 3), ids.slice(3)])).to_pylist() == buckets
+    spread = _id_bucket(pa.array([f"{i}-{i * 7}" for i in range(409_600)])).to_numpy()
+    counts = np.bincount(spread, minlength=ID_BUCKETS)
+    assert counts.size == ID_BUCKETS and counts.min() > 50 and counts.max() < 160
+
+
+def test_repeated_ids_do_not_depend_on_the_partition_count(tmp_path, monkeypatch):
+    """The count at commit reads as many partitions as the ledgers' rows need; the
+    figures and examples are the same with 1 partition or hundreds, and equal a
+    direct count."""
+    from collections import Counter
+
+    from gristmill.pipeline import inputs
+    from gristmill.pipeline.inputs import repeated_ids, write_id_ledger
+
+    rng = np.random.default_rng(5)
+    ledgers, every = [], []
+    for f in range(4):
+        ids = [f"doc-{int(v)}" for v in rng.integers(0, 6_000, 5_000)]
+        keys = pa.array([(f << 40) | (i + 1) for i in range(len(ids))], pa.uint64())
+        every += ids
+        t = pa.table({"id": ids, ROW_KEY: keys})
+        write_id_ledger(tmp_path / f"task-{f:05d}.parquet", [t.slice(0, 1_234), t.slice(1_234)])
+        ledgers.append(tmp_path / f"task-{f:05d}.parquet")
+    labels = {f: f"part-{f}.jsonl" for f in range(4)}
+    monkeypatch.setattr(inputs, "LEDGER_ROWS_PER_PARTITION", 10**9)
+    one = repeated_ids(ledgers, labels)
+    monkeypatch.setattr(inputs, "LEDGER_ROWS_PER_PARTITION", 64)  # 313 partitions
+    many = repeated_ids(ledgers, labels)
+    assert one == many
+    c = Counter(every)
+    assert one["distinct_ids"] == len(c)
+    assert one["repeated_ids"] == sum(1 for n in c.values() if n > 1)
+    assert one["records_with_repeated_id"] == sum(n for n in c.values() if n > 1)
+    first_seen = list(dict.fromkeys(i for i in every[:5_000] if c[i] > 1))
+    assert [e["id"] for e in one["examples"]] == first_seen[:10]
 
 
 class _FailingDisk(io.RawIOBase):

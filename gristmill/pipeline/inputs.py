@@ -21,10 +21,13 @@ Fingerprints
 Repeated ids
     The user's ``id`` is data, never identity (see ``stage.ROW_KEY``). A
     reader task writes the ids it read, with their row keys, to a small
-    Parquet "id ledger" partitioned by a hash of the id; at commit the
-    partitions are counted one at a time (memory bounded by one partition) and
-    the manifest reports how many ids repeat, how many records carry them and
-    the first examples with their files and lines.
+    Parquet "id ledger", sorted by a 12-bit hash bucket of the id; at commit
+    the buckets are cut into as many partitions as the corpus needs
+    (``LEDGER_ROWS_PER_PARTITION`` ids each) and counted one partition at a
+    time, so the memory the count takes does not grow with the corpus. The
+    manifest reports how many ids repeat, how many records carry them and the
+    first examples (smallest row keys) with their files and lines; none of it
+    depends on the partition count.
 """
 
 from __future__ import annotations
@@ -49,7 +52,9 @@ from gristmill.pipeline.stage import KEY_POS_BITS, KEY_POS_MASK, ROW_KEY
 from gristmill.pipeline.storage import AtomicFile
 
 HASH_NAME = "xxh3_128"
-ID_PARTITIONS = 16
+ID_BUCKETS = 4096  # hash buckets written into every ledger
+LEDGER_ROWS_PER_PARTITION = 262_144  # ids counted at once at commit
+LEDGER_ROW_GROUP = 65_536
 MAX_EXAMPLES = 10
 
 
@@ -212,9 +217,9 @@ def id_ledger_path(work: Path, task_index: int) -> Path:
     return storage.as_path(work) / "ids" / f"task-{task_index:05d}.parquet"
 
 
-def _id_partition(ids: pa.Array | pa.ChunkedArray) -> pa.Array:
-    """Partition of every id: ``mix64(sum_i mix64(byte_i | i << 8) ^ length) %
-    ID_PARTITIONS`` over the id's UTF-8 bytes, computed with numpy on the Arrow
+def _id_bucket(ids: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """Bucket of every id: ``mix64(sum_i mix64(byte_i | i << 8) ^ length) %
+    ID_BUCKETS`` over the id's UTF-8 bytes, computed with numpy on the Arrow
     buffers. A pure function of the bytes, so it is the same in every
     process, engine and library version."""
     from gristmill.pipeline.hashing import mix64
@@ -223,7 +228,7 @@ def _id_partition(ids: pa.Array | pa.ChunkedArray) -> pa.Array:
     arr = pc.fill_null(arr.cast(pa.large_string()), "")
     n = len(arr)
     if n == 0:
-        return pa.array([], pa.uint8())
+        return pa.array([], pa.uint16())
     offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64)[arr.offset:arr.offset + n + 1]
     data = np.frombuffer(arr.buffers()[2], dtype=np.uint8) if arr.buffers()[2] else \
         np.zeros(0, np.uint8)
@@ -241,50 +246,53 @@ def _id_partition(ids: pa.Array | pa.ChunkedArray) -> pa.Array:
         if body.size:
             sums[nonempty] = np.add.reduceat(terms, (offsets[:-1] - start)[nonempty])
         h = mix64(sums ^ lengths.astype(np.uint64), seed=0, salt="id_ledger")
-    return pa.array((h % np.uint64(ID_PARTITIONS)).astype(np.uint8), pa.uint8())
+    return pa.array((h % np.uint64(ID_BUCKETS)).astype(np.uint16), pa.uint16())
 
 
 def write_id_ledger(path: Path, tables: list[pa.Table]) -> None:
-    """(part, id, row key) of every record read, one row group per partition."""
-    schema = pa.schema([("part", pa.uint8()), ("id", pa.string()), (ROW_KEY, pa.uint64())])
+    """(bucket, id, row key) of every record read, sorted by bucket, in row groups of
+    ``LEDGER_ROW_GROUP`` rows whose bucket statistics let the count read only the
+    groups of one partition."""
+    schema = pa.schema([("part", pa.uint16()), ("id", pa.string()), (ROW_KEY, pa.uint64())])
     if tables:
         t = pa.concat_tables(tables).combine_chunks()
-        t = pa.Table.from_arrays([_id_partition(t.column("id")), t.column("id"),
+        t = pa.Table.from_arrays([_id_bucket(t.column("id")), t.column("id"),
                                   t.column(ROW_KEY)], schema=schema).sort_by("part")
     else:
         t = schema.empty_table()
     with AtomicFile(path) as sink, pq.ParquetWriter(sink.file, schema, compression="zstd") as w:
-        parts = t.column("part").to_numpy()
-        bounds = parts.searchsorted(list(range(ID_PARTITIONS + 1)))
-        for p in range(ID_PARTITIONS):
-            if bounds[p + 1] > bounds[p]:
-                w.write_table(t.slice(bounds[p], bounds[p + 1] - bounds[p]))
+        if t.num_rows:
+            w.write_table(t, row_group_size=LEDGER_ROW_GROUP)
 
 
-def _partition_groups(path: Path) -> dict[int, list[int]]:
-    """Row groups of one ledger by partition (``write_id_ledger`` writes one per partition)."""
+def _bucket_ranges(path: Path) -> tuple[int, list[tuple[int, int]]]:
+    """Rows of one ledger and the (min, max) bucket of each of its row groups."""
     with storage.open_read(path) as f:
         meta = pq.ParquetFile(f).metadata
-    groups: dict[int, list[int]] = {}
+    ranges = []
     for g in range(meta.num_row_groups):
         st = meta.row_group(g).column(0).statistics
-        if st is None or not st.has_min_max or st.min != st.max:
-            return {p: list(range(meta.num_row_groups)) for p in range(ID_PARTITIONS)}
-        groups.setdefault(int(st.min), []).append(g)
-    return groups
+        if st is None or not st.has_min_max:
+            ranges.append((0, ID_BUCKETS - 1))
+        else:
+            ranges.append((int(st.min), int(st.max)))
+    return meta.num_rows, ranges
 
 
-def _read_partition(ledgers: list[tuple[Path, dict[int, list[int]]]], part: int) -> pa.Table:
-    """(id, row key) of partition ``part`` of every ledger, read with pyarrow (local
+def _read_partition(ledgers: list[tuple[Path, list[tuple[int, int]]]], lo: int,
+                    hi: int) -> pa.Table:
+    """(id, row key) of buckets ``lo <= b < hi`` of every ledger, read with pyarrow (local
     files and objects alike; no polars, whose import alone costs a run 0.2 CPU s)."""
     schema = pa.schema([("id", pa.string()), (ROW_KEY, pa.uint64())])
     tables = []
-    for path, groups in ledgers:
-        if part not in groups:
+    for path, ranges in ledgers:
+        groups = [g for g, (a, b) in enumerate(ranges) if a < hi and b >= lo]
+        if not groups:
             continue
         with storage.open_read(path) as f:
-            t = pq.ParquetFile(f).read_row_groups(groups[part], columns=["part", "id", ROW_KEY])
-        t = t.filter(pc.equal(t.column("part"), part))
+            t = pq.ParquetFile(f).read_row_groups(groups, columns=["part", "id", ROW_KEY])
+        part = t.column("part")
+        t = t.filter(pc.and_(pc.greater_equal(part, lo), pc.less(part, hi)))
         tables.append(t.select(["id", ROW_KEY]).cast(schema))
     return pa.concat_tables(tables) if tables else schema.empty_table()
 
@@ -300,29 +308,41 @@ def _smallest_keys(part: pa.Table, ids: list[str], k: int) -> dict[str, list[int
 
 
 def repeated_ids(ledgers: list[Path], file_labels: dict[int, str]) -> dict[str, Any]:
-    """Count ids that occur on more than one record, one partition at a time."""
+    """Count ids that occur on more than one record, one partition of buckets at a time.
+
+    The partition count is ``ceil(ledger rows / LEDGER_ROWS_PER_PARTITION)`` (at most
+    ``ID_BUCKETS``), so one partition holds a bounded number of ids whatever the corpus
+    size; the counts and examples are the same for any partition count."""
     ledgers = [p for p in ledgers if p.exists()]
     total_ids = repeated = records = 0
     examples: list[dict[str, Any]] = []
     if not ledgers:
-        return {"repeated_ids": 0, "records_with_repeated_id": 0, "examples": []}
-    located = [(path, _partition_groups(path)) for path in ledgers]
-    for p in range(ID_PARTITIONS):
-        part = _read_partition(located, p)
+        return {"distinct_ids": 0, "repeated_ids": 0, "records_with_repeated_id": 0,
+                "examples": []}
+    located, rows = [], 0
+    for path in ledgers:
+        n, ranges = _bucket_ranges(path)
+        rows += n
+        located.append((path, ranges))
+    parts = min(ID_BUCKETS, max(1, -(-rows // LEDGER_ROWS_PER_PARTITION)))
+    for p in range(parts):
+        part = _read_partition(located, p * ID_BUCKETS // parts, (p + 1) * ID_BUCKETS // parts)
         counts = part.group_by("id", use_threads=False).aggregate(
             [(ROW_KEY, "count"), (ROW_KEY, "min")])
         total_ids += counts.num_rows
         dup = counts.filter(pc.greater(counts.column(f"{ROW_KEY}_count"), 1))
         repeated += dup.num_rows
         records += int(pc.sum(dup.column(f"{ROW_KEY}_count")).as_py() or 0)
-        if len(examples) < MAX_EXAMPLES and dup.num_rows:
+        if dup.num_rows:
+            # the first examples of the whole corpus: this partition's first few, merged
+            # with the ones kept so far, whatever order the partitions come in
             head = dup.sort_by(f"{ROW_KEY}_min").slice(0, MAX_EXAMPLES).to_pylist()
             smallest = _smallest_keys(part, [r["id"] for r in head], 3)
             for row in head:
                 examples.append({"id": row["id"][:200], "count": row[f"{ROW_KEY}_count"], "at": [
                     f"{file_labels.get(k >> KEY_POS_BITS, '?')}:{k & KEY_POS_MASK}"
                     for k in smallest[row["id"]]], "first": row[f"{ROW_KEY}_min"]})
-    examples = sorted(examples, key=lambda e: e["first"])[:MAX_EXAMPLES]
+            examples = sorted(examples, key=lambda e: e["first"])[:MAX_EXAMPLES]
     for e in examples:
         del e["first"]
     return {"distinct_ids": total_ids, "repeated_ids": repeated,
