@@ -235,11 +235,11 @@ def run_recipe(recipe: Recipe | str | Path, *, fresh: bool = False, engine: str 
             atomic_write_json(run_info, {"fingerprint": fingerprint, "inputs": listing(files),
                                          "splits": plans})
         tasks = split_tasks(files, plans)
-        carried_schema.prepare(recipe, tasks, work)  # one type per carried column
         if recipe.engine.shuffle_partitions is None:  # from the input size, never the workers
             parts = shuffle_partitions_for(sum(t.size for t in tasks))
             recipe = recipe.model_copy(update={"engine": recipe.engine.model_copy(
                 update={"shuffle_partitions": parts})})
+        carried_schema.prepare(recipe, tasks, work)  # one type per carried column
         result = make_engine(recipe, progress).execute(tasks, work)
         lock.check()  # an object-store lock taken over by another run: publish nothing
         manifest = _commit(recipe, out, tasks, result, fingerprint, t0)

@@ -53,8 +53,8 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from gristmill.pipeline import observe, storage
-from gristmill.pipeline.droplists import drop_list_state
 from gristmill.pipeline.carried_schema import conform_batches, load_plan
+from gristmill.pipeline.droplists import drop_list_state
 from gristmill.pipeline.engines.local import EngineResult, TaskResult, task_dir
 from gristmill.pipeline.execution import (
     Segment,
@@ -462,12 +462,12 @@ class BeamEngine:
                             final_dir=work / f"seg{len(segments) - 1:02d}", stats=run_stats)
 
 
-def _spill_path(work: Path, segment: int, task: int, seq: int) -> Path:
-    return task_dir(work, segment, task) / f"summary-{seq:06d}.spill"
-
-
 def _state_path(work: Path, segment: int) -> Path:
     return work / f"seg{segment:02d}" / "state.pkl"
+
+
+def _spill_path(work: Path, segment: int, task: int, seq: int) -> Path:
+    return task_dir(work, segment, task) / f"summary-{seq:06d}.spill"
 
 
 def _remove_tree(path: Path) -> None:

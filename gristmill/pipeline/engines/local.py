@@ -38,8 +38,8 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from gristmill.pipeline import observe, storage
-from gristmill.pipeline.droplists import drop_list_state
 from gristmill.pipeline.carried_schema import conform_batches, load_plan
+from gristmill.pipeline.droplists import drop_list_state
 from gristmill.pipeline.execution import (
     Segment,
     TaskStats,
