@@ -53,8 +53,8 @@ from gristmill.pipeline.storage import AtomicFile
 
 HASH_NAME = "xxh3_128"
 ID_BUCKETS = 4096  # hash buckets written into every ledger
-LEDGER_ROWS_PER_PARTITION = 262_144  # ids counted at once at commit
-LEDGER_ROW_GROUP = 65_536
+LEDGER_ROWS_PER_PARTITION = 8_192  # ids counted at once at commit
+LEDGER_ROW_GROUP = 4_096
 MAX_EXAMPLES = 10
 
 
