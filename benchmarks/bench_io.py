@@ -48,6 +48,16 @@ VOCAB = [("".join(random.Random(i).choice("abcdefghijklmnopqrstuvwxyz")
                   for _ in range(random.Random(i + 7).randint(2, 10)))) for i in range(5000)]
 
 
+def jsonl_block(rng: random.Random, prefix: str, start: int, n: int = 1000) -> bytes:
+    """``n`` JSONL records of 50-700 vocabulary words, ids ``prefix + number`` from
+    ``start``, domain ``d{number % 7}`` (also used by ``bench_split.py``)."""
+    lines = []
+    for i in range(start, start + n):
+        text = " ".join(rng.choices(VOCAB, k=rng.randint(50, 700)))
+        lines.append(json.dumps({"id": f"{prefix}{i}", "text": text, "domain": f"d{i % 7}"}))
+    return ("\n".join(lines) + "\n").encode()
+
+
 def generate(folder: Path, total_bytes: int, files: int) -> int:
     """Write ``files`` JSONL.zst files, ~``total_bytes`` of JSON in all; returns raw bytes."""
     marker = folder / f".done-{total_bytes}-{files}"
@@ -64,13 +74,8 @@ def generate(folder: Path, total_bytes: int, files: int) -> int:
             written = 0
             i = 0
             while written < per_file:
-                lines = []
-                for _ in range(1000):
-                    text = " ".join(rng.choices(VOCAB, k=rng.randint(50, 700)))
-                    lines.append(json.dumps({"id": f"{f}-{i}", "text": text,
-                                             "domain": f"d{i % 7}"}))
-                    i += 1
-                blob = ("\n".join(lines) + "\n").encode()
+                blob = jsonl_block(rng, f"{f}-", i)
+                i += 1000
                 w.write(blob)
                 written += len(blob)
             raw += written

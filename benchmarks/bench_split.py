@@ -36,10 +36,9 @@ import time
 from pathlib import Path
 
 import yaml
+from bench_io import jsonl_block  # same records as the I/O benchmark's
 
 WORK = Path(__file__).parent / "_work" / "split"
-VOCAB = [("".join(random.Random(i).choice("abcdefghijklmnopqrstuvwxyz")
-                  for _ in range(random.Random(i + 7).randint(2, 10)))) for i in range(5000)]
 
 
 def generate(path: Path, total_bytes: int) -> tuple[int, int]:
@@ -53,13 +52,8 @@ def generate(path: Path, total_bytes: int) -> tuple[int, int]:
     written = docs = 0
     with open(path, "wb") as fh:
         while written < total_bytes:
-            lines = []
-            for _ in range(1000):
-                text = " ".join(rng.choices(VOCAB, k=rng.randint(50, 700)))
-                lines.append(json.dumps({"id": f"d{docs}", "text": text,
-                                         "domain": f"d{docs % 7}"}))
-                docs += 1
-            blob = ("\n".join(lines) + "\n").encode()
+            blob = jsonl_block(rng, "d", docs)
+            docs += 1000
             fh.write(blob)
             written += len(blob)
     marker.write_text(f"{written} {docs}")

@@ -27,29 +27,11 @@ _files, _upload = test_object_storage._files, test_object_storage._upload
 
 @pytest.fixture(scope="module")
 def s3_server():
-    """moto's S3 server for this module (as in test_object_storage, whose session server
-    may be running too): fsspec's cached s3 filesystems are dropped on the way in and out,
-    so this module and the other one each talk to their own server."""
-    import s3fs
+    """moto's S3 server for this module (test_object_storage's session server may be
+    running too; each module talks to its own)."""
+    with test_object_storage.moto_s3_server() as env:
+        yield env
 
-    port = test_object_storage._free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
-                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    test_object_storage._wait_port(port, proc, "moto server")
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    s3fs.S3FileSystem.clear_instance_cache()
-    yield env
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    s3fs.S3FileSystem.clear_instance_cache()
-    proc.kill()
-    proc.wait()
 
 PLAIN = "river stone mill grain flour wheel water".split()
 TARGET = "theorem proof lemma integral matrix vector".split()

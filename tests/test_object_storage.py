@@ -6,6 +6,7 @@ and a Dask cluster of separate scheduler and worker processes that share no fold
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -57,10 +58,14 @@ def _wait_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 30
     raise RuntimeError(f"{what} did not listen on port {port}")
 
 
-@pytest.fixture(scope="session")
-def s3_server():
+@contextlib.contextmanager
+def moto_s3_server():
     """moto's S3 server in its own process on 127.0.0.1; its address and dummy
-    credentials go into the environment, where s3fs (and every subprocess) finds them."""
+    credentials go into the environment, where s3fs (and every subprocess) finds them.
+    fsspec's cached s3 filesystems are dropped on the way in and out, so a cached one
+    never talks to another module's server."""
+    import s3fs
+
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
                              str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -69,14 +74,24 @@ def s3_server():
            "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    yield env
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    proc.kill()
-    proc.wait()
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        yield env
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        s3fs.S3FileSystem.clear_instance_cache()
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    with moto_s3_server() as env:
+        yield env
 
 
 @pytest.fixture
