@@ -281,3 +281,19 @@ def test_generated_per_file_types_give_one_readable_output(tmp_path_factory, fil
         assert [_plain(h) for h in have] == [_plain(w) for w in want], i
     assert np.all([e["name"] != "meta" or e.get("json_text", False) == json_col
                    for e in m["schema"]])
+
+
+def test_a_row_rejected_while_conforming_is_not_counted_as_a_repeated_id(tmp_path):
+    """The id ledger takes the rows the reader keeps after conforming: the NaN row
+    (rejected, its id shared with a kept row) does not make that id repeated."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    pq.write_table(pa.table({"id": ["x", "y"], "text": ["p0", "p1"],
+                             "meta": pa.array([{"a": 1}, {"a": 2}],
+                                              pa.struct([("a", pa.int64())]))}),
+                   folder / "p.parquet")
+    pq.write_table(pa.table({"id": ["z", "x"], "text": ["q0", "q1"],
+                             "meta": pa.array([0.5, math.nan])}), folder / "q.parquet")
+    m = _run([{"path": str(folder / "*.parquet"), "columns": ["meta"]}], tmp_path / "out")
+    assert m["counts"]["rejected"] == 1 and m["counts"]["reconciled"]
+    assert m["ids"]["repeated_ids"] == 0 and m["ids"]["distinct_ids"] == 3

@@ -47,7 +47,7 @@ from __future__ import annotations
 import base64
 import json
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -386,16 +386,6 @@ def conform(table: pa.Table, plan: CarriedPlan, report: Any = None) -> pa.Table:
                 report.reject(reasons[i], keys[i] & KEY_POS_MASK if keys else i, None)
         out = out.filter(pa.array(keep))
     return out
-
-
-def conform_batches(batches: Iterable[pa.Table], plan: CarriedPlan | None,
-                    report: Any = None) -> Iterator[pa.Table]:
-    """``conform`` every batch a reader yields (unchanged without a plan)."""
-    for batch in batches:
-        if plan is not None:
-            batch = conform(batch, plan, report)
-        if batch.num_rows:
-            yield batch
 
 
 def unified_schema(schemas: list[pa.Schema]) -> pa.Schema | None:

@@ -46,6 +46,7 @@ import pyarrow.parquet as pq
 import xxhash
 
 from gristmill.pipeline import storage
+from gristmill.pipeline.carried_schema import CarriedPlan, conform
 from gristmill.pipeline.readers import FileReport, InputTask, read_task
 from gristmill.pipeline.recipe import RecipeError, SourceSpec
 from gristmill.pipeline.stage import KEY_POS_BITS, KEY_POS_MASK, ROW_KEY
@@ -140,10 +141,11 @@ class InputReader:
     """
 
     def __init__(self, task: InputTask, spec: SourceSpec, report: FileReport,
-                 batch_size: int, ledger: Path | None) -> None:
+                 batch_size: int, ledger: Path | None, plan: CarriedPlan | None = None) -> None:
         self.task, self.spec, self.report = task, spec, report
         self.batch_size = batch_size
         self.ledger_path = ledger
+        self.plan = plan  # the run's one type per carried column (``carried_schema``)
         self.fingerprint: dict[str, Any] = {}
 
     def __iter__(self) -> Iterator[pa.Table]:
@@ -167,6 +169,11 @@ class InputReader:
         with self._one_download(tapped) as local_copy:
             for batch in read_task(task, self.spec, self.report, self.batch_size, tapped,
                                    local_copy):
+                if self.plan is not None:
+                    # before the ledger: a row the conversion rejects is not in it
+                    batch = conform(batch, self.plan, self.report)
+                    if not batch.num_rows:
+                        continue
                 if self.ledger_path is not None:
                     ids.append(batch.select(["id", ROW_KEY]))
                 yield batch

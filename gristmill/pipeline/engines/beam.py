@@ -53,7 +53,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from gristmill.pipeline import observe, storage
-from gristmill.pipeline.carried_schema import conform_batches, load_plan
+from gristmill.pipeline.carried_schema import load_plan
 from gristmill.pipeline.droplists import drop_list_state
 from gristmill.pipeline.engines.local import EngineResult, TaskResult, task_dir
 from gristmill.pipeline.execution import (
@@ -124,9 +124,8 @@ def _build_pipeline(beam, p, recipe: Recipe, tasks: list[InputTask], work: Path,
             stats = TaskStats()
             dropped: list[pa.Table] | None = [] if self.recipe.output.write_dropped else None
             inputs = InputReader(task, spec, report, self.recipe.engine.batch_size,
-                                 id_ledger_path(work, task.index))
-            batches = observe.timed_iter(conform_batches(inputs, load_plan(work), report),
-                                         stats.timings, "read", "read")
+                                 id_ledger_path(work, task.index), load_plan(work))
+            batches = observe.timed_iter(iter(inputs), stats.timings, "read", "read")
             for seq, batch in enumerate(batches):
                 stats.observe(batch, "in")
                 kept = run_segment_batch(self.segment, batch, None, stats, dropped)

@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from gristmill.pipeline import observe, storage
-from gristmill.pipeline.carried_schema import conform_batches, load_plan
+from gristmill.pipeline.carried_schema import load_plan
 from gristmill.pipeline.droplists import drop_list_state
 from gristmill.pipeline.execution import (
     Segment,
@@ -177,9 +177,7 @@ def task_dir(work: Path, segment: int, task: int) -> Path:
 def _input_batches(recipe: Recipe, work: Path, segment: Segment, task: InputTask,
                    report: FileReport, stats: TaskStats, inputs: InputReader | None):
     if segment.index == 0:
-        # every carried column in the run's one type (carried_schema)
-        batches = conform_batches(inputs, load_plan(work), report)
-        for batch in observe.timed_iter(batches, stats.timings, "read", "read"):
+        for batch in observe.timed_iter(iter(inputs), stats.timings, "read", "read"):
             stats.observe(batch, "in")
             yield batch
         return
@@ -240,7 +238,8 @@ def _run_task(recipe: Recipe, work: Path, segment_index: int, task: InputTask) -
     inputs = None
     if segment.index == 0:
         inputs = InputReader(task, recipe.sources[task.source_index], report,
-                             recipe.engine.batch_size, id_ledger_path(work, task.index))
+                             recipe.engine.batch_size, id_ledger_path(work, task.index),
+                             load_plan(work))
     for batch in _input_batches(recipe, work, segment, task, report, stats, inputs):
         batch = run_segment_batch(segment, batch, entry_state, stats, dropped)
         if dropped:
