@@ -142,4 +142,5 @@ def drop_list_state(stage: Any, state: Any, folder: Path) -> Any:
         return state
     from gristmill.pipeline.observe import chosen_clusters
 
-    return write_drop_lists(state, folder, chosen_clusters(state, stage.seed))
+    # not cached: the cache would keep the whole table alive in the driver
+    return write_drop_lists(state, folder, chosen_clusters(state, stage.seed, cache=False))

@@ -414,9 +414,13 @@ def observe_columns(columns: dict[str, Any], table: pa.Table, names: Iterable[st
 _CLUSTER_CACHE: dict[int, tuple[Any, dict[int, tuple[int, int]]]] = {}
 
 
-def chosen_clusters(state: pa.Table, seed: int) -> dict[int, tuple[int, int]]:
+def chosen_clusters(state: pa.Table, seed: int,
+                    cache: bool = True) -> dict[int, tuple[int, int]]:
     """survivor key -> (priority, member key) for the clusters with the smallest
-    survivor priority; the member is the cluster's smallest-priority dropped one."""
+    survivor priority; the member is the cluster's smallest-priority dropped one.
+
+    ``cache`` keeps the answer (and so the table) for the next call with the same
+    table; an engine that writes the table away and drops it passes False."""
     hit = _CLUSTER_CACHE.get(id(state))
     if hit is not None and hit[0] is state:
         return hit[1]
@@ -432,9 +436,10 @@ def chosen_clusters(state: pa.Table, seed: int) -> dict[int, tuple[int, int]]:
         members = np.flatnonzero(surv == s)
         m = members[np.argmin(pm[members])]
         chosen[int(s)] = (int(ps[first[j]]), int(keys[m]))
-    if len(_CLUSTER_CACHE) > 8:
-        _CLUSTER_CACHE.clear()
-    _CLUSTER_CACHE[id(state)] = (state, chosen)
+    if cache:
+        if len(_CLUSTER_CACHE) > 8:
+            _CLUSTER_CACHE.clear()
+        _CLUSTER_CACHE[id(state)] = (state, chosen)
     return chosen
 
 

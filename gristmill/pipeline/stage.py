@@ -84,11 +84,14 @@ class StageOutput:
     """What a stage returns for one batch: the rows kept and the rows dropped.
 
     ``dropped`` has the columns of ``DROPPED_SCHEMA`` (row key, id, stage, reason,
-    detail).
+    detail). ``weight``, set by a stage that selects by a weight (a top
+    fraction's characters), is (weight in, weight kept); the engines add it up
+    per stage as ``weight_in`` / ``weight_kept``.
     """
 
     kept: pa.Table
     dropped: pa.Table
+    weight: tuple[int, int] | None = None
 
     @property
     def num_dropped(self) -> int:
@@ -175,6 +178,10 @@ class Stage:
     Params: ClassVar[type[StageParams]] = StageParams
     requires: ClassVar[tuple[str, ...]] = ()
     extras: ClassVar[tuple[str, ...]] = ()
+    #: parameters naming a model, tokenizer or list file the stage loads in
+    #: ``setup()`` through ``local_path``: ``"model"``, ``"models[].path"`` (``[]``:
+    #: every item of a list); a run pins each one (``model_cache.plan_pins``)
+    path_fields: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, params: StageParams | dict | None = None, *, name: str | None = None,
                  seed: int = 0) -> None:
@@ -200,13 +207,27 @@ class Stage:
         path = os.path.expanduser(path)
         return path if os.path.isabs(path) else os.path.normpath(os.path.join(self.base_dir, path))
 
+    #: the run's pins of this stage's ``model_paths``, by path (set by
+    #: ``Recipe.build_stages``; empty outside a run)
+    pins: dict[str, dict[str, Any]] = {}
+
     def local_path(self, path: str) -> str:
         """``resolve_path(path)`` as a local path a library can open: a URL's file
         or folder is downloaded once per machine into the model cache
-        (``gristmill.pipeline.model_cache.localize``). Call it in ``setup()``."""
-        from gristmill.pipeline.model_cache import localize
+        (``gristmill.pipeline.model_cache.localize``), the version the run pinned
+        when it has a pin (a local path is checked against its pin). Call it in
+        ``setup()``."""
+        from gristmill.pipeline.model_cache import localize, redact
 
-        return localize(self.resolve_path(path))
+        resolved = self.resolve_path(path)
+        return localize(resolved, pin=self.pins.get(redact(resolved)))
+
+    def model_paths(self) -> list[tuple[str, str]]:
+        """``(field, resolved path or URL)`` of every file this stage loads that is
+        named by ``path_fields`` (``("models[1].path", "s3://m/lm")``)."""
+        from gristmill.pipeline.model_cache import param_paths
+
+        return [(f, self.resolve_path(p)) for f, p in param_paths(self.params, self.path_fields)]
 
     def required_extras(self) -> tuple[str, ...]:
         """Extras (``pip install 'gristmill[<extra>]'``) this configured stage needs.
@@ -317,6 +338,13 @@ class ShuffleStage(Stage):
 
     def resolve(self, reduced: pa.Table) -> Any:
         raise NotImplementedError
+
+    def resolve_parts(self, parts: Iterable[pa.Table | None]) -> Any:
+        """``resolve`` over every key partition's reduced table, given in partition
+        order (the engines call this). The default concatenates them; a stage that
+        can take them one at a time (dedup) overrides it to hold less."""
+        tables = [t for t in parts if t is not None and t.num_rows]
+        return self.resolve(pa.concat_tables(tables) if tables else None)
 
     def apply(self, batch: pa.Table, state: Any) -> StageOutput:
         raise NotImplementedError

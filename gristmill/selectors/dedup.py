@@ -35,6 +35,7 @@ Two policies turn edges into drops:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import ClassVar, Literal
 
 import numpy as np
@@ -145,6 +146,85 @@ def best_first_survivors(score: np.ndarray, better: np.ndarray,
     first = np.r_[True, kw[1:] != kw[:-1]] if kw.size else np.zeros(0, dtype=bool)
     survivor[kw[first]] = kb[first]
     return survivor
+
+
+_HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
+
+
+def hex16(values: np.ndarray) -> pa.Array:
+    """``"%016x"`` of every uint64 as an Arrow string array, without a Python
+    string per value (16 bytes a value, vectorized).
+
+    Examples
+    --------
+    >>> hex16(np.array([0, 255, 2**64 - 1], np.uint64)).to_pylist()
+    ['0000000000000000', '00000000000000ff', 'ffffffffffffffff']
+    """
+    v = np.asarray(values, dtype=np.uint64)
+    chars = np.empty((v.size, 16), dtype=np.uint8)
+    for i in range(16):
+        chars[:, 15 - i] = _HEX[((v >> np.uint64(4 * i)) & np.uint64(0xF)).astype(np.intp)]
+    offsets = np.arange(0, 16 * (v.size + 1), 16, dtype=np.int32)
+    return pa.Array.from_buffers(pa.string(), v.size,
+                                 [None, pa.py_buffer(offsets), pa.py_buffer(chars)])
+
+
+def _stars(worse: np.ndarray, better: np.ndarray) -> bool:
+    """Whether edges sorted by ``worse`` form stars: every worse end once, and no
+    better end also a worse end (each component is then a best and its members,
+    the best beating every member: reduce points members at their group's best)."""
+    if worse.size > 1 and not (worse[1:] != worse[:-1]).all():
+        return False
+    return not np.isin(better, worse).any()
+
+
+class EdgeSet:
+    """Distinct edges ``worse -> better`` (row keys, with both ends' scores),
+    added a reduced table at a time.
+
+    Copies of an edge (MinHash: a pair verified in every partition where it
+    shares a band) are folded away whenever the rows added since the last
+    fold outnumber the distinct ones held (and at least ``FOLD_ROWS``), so
+    memory stays within about twice the distinct edges plus one added table.
+    A node's score is the same in every edge (one score per record).
+    """
+
+    FOLD_ROWS = 1 << 16
+
+    def __init__(self) -> None:
+        self._held: list[tuple[np.ndarray, ...]] = []
+        self._distinct = 0
+        self._pending = 0
+
+    def add(self, table: pa.Table | None) -> None:
+        if table is None or table.num_rows == 0:
+            return
+        t = table.cast(EDGES_SCHEMA)
+        cols = tuple(t.column(c).to_numpy() for c in (ROW_KEY, "best_key", "score",
+                                                      "best_score"))
+        self._held.append(cols)
+        self._pending += t.num_rows
+        if self._pending > max(self._distinct, self.FOLD_ROWS):
+            self._fold()
+
+    def _fold(self) -> None:
+        if len(self._held) > 1 or self._pending:
+            w, b, sw, sb = (np.concatenate([h[i] for h in self._held]) for i in range(4))
+            order = np.lexsort((b, w))
+            w, b = w[order], b[order]
+            keep = np.ones(w.size, dtype=bool)
+            keep[1:] = (w[1:] != w[:-1]) | (b[1:] != b[:-1])
+            order = order[keep]
+            self._held = [(w[keep], b[keep], sw[order], sb[order])]
+            self._distinct, self._pending = int(keep.sum()), 0
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(worse, better, worse score, better score), distinct, sorted by (worse, better)."""
+        if not self._held:
+            return (np.zeros(0, np.uint64), np.zeros(0, np.uint64),
+                    np.zeros(0, np.float64), np.zeros(0, np.float64))
+        self._fold()
+        return self._held[0]
 
 
 class KeepSpec(BaseModel):
@@ -288,35 +368,57 @@ class ClusterDedup(ShuffleStage):
     def resolve(self, reduced: pa.Table | None) -> pa.Table:
         """The dropped records and their survivors, by the stage's policy (module doc).
 
-        Transitive: connected components over all edges, the survivor is each
-        component's best. Verified: best first over the verified edges, the
-        survivor is the best kept record the dropped one was verified against.
-        Returns the dropped records only (row key, cluster, survivor's row key),
-        sorted by row key, so memory is proportional to the duplicates, not
-        the corpus.
+        ``resolve_parts`` over one table; see there.
         """
-        if reduced is None or reduced.num_rows == 0:
+        return self.resolve_parts([] if reduced is None else [reduced])
+
+    def resolve_parts(self, parts: Iterable[pa.Table | None]) -> pa.Table:
+        """The dropped records and their survivors, from the reduced edges of every
+        key partition, read one partition at a time.
+
+        Transitive: connected components over all edges, the survivor is each
+        component's best; when no record is a member of two groups or both a
+        member and a best (always so in exact dedup, one key per record), every
+        component is a star around its best and no components are computed.
+        Verified: best first over the verified edges, the survivor is the
+        best kept record the dropped one was verified against.
+
+        Memory is proportional to the distinct duplicate pairs, never to the
+        corpus or to the candidate edges: a pair of MinHash records that
+        shares several bands is verified in several partitions, and the
+        copies are folded away as partitions arrive (``EdgeSet``), so at most
+        one partition's edges are held beside the distinct ones. Returns the
+        dropped records only (row key, cluster, survivor's row key), sorted by
+        row key.
+        """
+        edges = EdgeSet()
+        for part in parts:
+            edges.add(part)
+        worse, better, worse_score, better_score = edges.arrays()
+        del edges
+        if worse.size == 0:
             return STATE_SCHEMA.empty_table()
-        reduced = reduced.cast(EDGES_SCHEMA)
-        both = np.concatenate([reduced.column(ROW_KEY).to_numpy(),
-                               reduced.column("best_key").to_numpy()]).astype(np.uint64)
-        both_score = np.concatenate([reduced.column("score").to_numpy(),
-                                     reduced.column("best_score").to_numpy()])
-        nodes, idx = np.unique(both, return_inverse=True)  # node index order == key order
-        idx = idx.astype(np.int64)
-        n = len(nodes)
+        if not self.pairwise and _stars(worse, better):
+            # every component is one group's star around its best: no components needed
+            return self._state_rows(worse, better)
+        nodes = np.unique(np.concatenate([worse, better]))  # node index order == key order
+        w = np.searchsorted(nodes, worse)
+        b = np.searchsorted(nodes, better)
+        del worse, better
+        n = nodes.size
         node_score = np.empty(n, dtype=np.float64)
-        node_score[idx] = both_score
-        e = reduced.num_rows
+        node_score[w] = worse_score
+        node_score[b] = better_score
+        del worse_score, better_score
         if self.pairwise:
-            survivor = best_first_survivors(node_score, idx[e:], idx[:e])
-            return self._state(nodes, survivor)
-        # imported here: scipy adds ~20 MB to every worker that loads this module
+            return self._state(nodes, best_first_survivors(node_score, b, w))
+        # imported here: scipy adds ~20 MB to every process that loads this module
         from scipy.sparse import coo_matrix
         from scipy.sparse.csgraph import connected_components
 
-        graph = coo_matrix((np.ones(e, dtype=np.int8), (idx[:e], idx[e:])), shape=(n, n))
+        graph = coo_matrix((np.ones(w.size, dtype=np.int8), (w, b)), shape=(n, n))
         _, comp = connected_components(graph, directed=False)
+        del graph
         # best first within a component: score descending, then smallest row key (index)
         order = np.lexsort((np.arange(n), -node_score, comp))
         comp_sorted = comp[order]
@@ -329,11 +431,16 @@ class ClusterDedup(ShuffleStage):
     def _state(self, nodes: np.ndarray, survivor: np.ndarray) -> pa.Table:
         """STATE_SCHEMA rows for the nodes whose survivor (a node index) is not themselves."""
         dropped = np.flatnonzero(survivor != np.arange(nodes.size))
-        surv = nodes[survivor[dropped]]
-        cluster = np.char.mod("%016x", mix64(surv, seed=self.seed, salt=self.name))
+        return self._state_rows(nodes[dropped], nodes[survivor[dropped]])
+
+    def _state_rows(self, dropped: np.ndarray, survivor: np.ndarray) -> pa.Table:
+        """STATE_SCHEMA rows (sorted by row key) for dropped row keys and their survivors."""
+        order = np.argsort(dropped, kind="stable")
+        dropped, survivor = dropped[order], survivor[order]
+        cluster = hex16(mix64(survivor, seed=self.seed, salt=self.name))
         return pa.Table.from_arrays(
-            [pa.array(nodes[dropped], pa.uint64()), pa.array(cluster.tolist(), pa.string()),
-             pa.array(surv, pa.uint64())], schema=STATE_SCHEMA)
+            [pa.array(dropped, pa.uint64()), cluster, pa.array(survivor, pa.uint64())],
+            schema=STATE_SCHEMA)
 
     # -- apply -----------------------------------------------------------------
     def apply(self, batch: pa.Table, state: pa.Table | DropLists) -> StageOutput:

@@ -67,7 +67,7 @@ from gristmill.pipeline.inputs import InputReader, id_ledger_path
 from gristmill.pipeline.readers import FileReport, InputTask
 from gristmill.pipeline.recipe import Recipe, RecipeError
 from gristmill.pipeline.rejects import RejectsWriter
-from gristmill.pipeline.stage import DROPPED_SCHEMA, GlobalStage, Stage
+from gristmill.pipeline.stage import DROPPED_SCHEMA, GlobalStage, Stage, merge_all
 from gristmill.pipeline.writers import (
     AtomicFile,
     ShardWriter,
@@ -175,8 +175,15 @@ def _build_pipeline(beam, p, recipe: Recipe, tasks: list[InputTask], work: Path,
                 summary = self.stage.summarize(element[2])
             yield summary
 
+    class SummarizeByFile(Summarize):
+        def process(self, element: tuple[int, int, pa.Table]):
+            for summary in super().process(element):
+                yield (element[0], (element[1], summary))
+
     class SpillSummary(TimedDoFn):
-        """A spilling stage's summary of one batch, written to its own file."""
+        """A spilling stage's summaries of one task's batches, merged in batch order
+        and written to the task's file: one file per task, as the local engine
+        writes (a sketch of the task is then the same on both)."""
 
         def __init__(self, recipe: Recipe, index: int) -> None:
             self.recipe, self.index = recipe, index
@@ -184,17 +191,19 @@ def _build_pipeline(beam, p, recipe: Recipe, tasks: list[InputTask], work: Path,
         def setup(self) -> None:
             self.stage = _segment_stages(self.recipe, self.index)[0].exit
 
-        def process(self, element: tuple[int, int, pa.Table]):
-            task, seq, batch = element
+        def process(self, element: tuple[int, Any]):
+            task, parts = element
             with observe.clock(self.timings, self.stage.name, "summarize"):
-                summary = self.stage.summarize(batch)
-                with AtomicFile(_spill_path(work, self.index, task, seq)) as sink:
+                summary = merge_all(self.stage, (s for _, s in sorted(parts, key=lambda e: e[0])))
+                if summary is None:
+                    return
+                with AtomicFile(_spill_path(work, self.index, task)) as sink:
                     self.stage.spill_summary(summary, sink.file)
-            yield (task, seq)
+            yield task
 
-    def finalize_spills(spills: list[tuple[int, int]], stage: GlobalStage, index: int) -> Any:
-        # task and batch order: the order the local engine merges in
-        paths = [_spill_path(work, index, t, q) for t, q in sorted(spills)]
+    def finalize_spills(spills: list[int], stage: GlobalStage, index: int) -> Any:
+        # task order: the order the local engine merges in
+        paths = [_spill_path(work, index, t) for t in sorted(spills)]
         return stage.finalize_spilled([lambda p=p: storage.open_read(p) for p in paths])
 
     class MergeSummaries(beam.CombineFn):
@@ -235,7 +244,7 @@ def _build_pipeline(beam, p, recipe: Recipe, tasks: list[InputTask], work: Path,
                 if part.num_rows:
                     yield (p, part)
 
-    class ConcatTables(beam.CombineFn):
+    class PartitionTables(beam.CombineFn):
         def create_accumulator(self) -> list:
             return []
 
@@ -247,11 +256,9 @@ def _build_pipeline(beam, p, recipe: Recipe, tasks: list[InputTask], work: Path,
         def merge_accumulators(self, accs) -> list:
             return [t for a in accs for t in a]
 
-        def extract_output(self, acc: list) -> pa.Table | None:
-            if not acc:
-                return None
-            # partition order, as the local engine concatenates: never the bundling order
-            return pa.concat_tables([t for _, t in sorted(acc, key=lambda e: e[0])])
+        def extract_output(self, acc: list) -> list[pa.Table]:
+            # partition order, as the local engine resolves them: never the bundling order
+            return [t for _, t in sorted(acc, key=lambda e: e[0])]
 
     def timed(fn, stage_name: str):
         """``fn`` with its time saved as the stage's barrier time."""
@@ -321,8 +328,9 @@ def _build_pipeline(beam, p, recipe: Recipe, tasks: list[InputTask], work: Path,
             state = (p | f"Saved state of {stage.name}" >> beam.Create([i])
                      | f"Load state of {stage.name}" >> beam.Map(load_state))
         elif isinstance(stage, GlobalStage) and stage.spills:
-            state = (rows | f"Spill summaries for {stage.name}" >> beam.ParDo(
-                SpillSummary(recipe, i))
+            state = (rows | f"Summarize for {stage.name}" >> beam.ParDo(SummarizeByFile(recipe, i))
+                     | f"Group summaries of {stage.name} by file" >> beam.GroupByKey()
+                     | f"Spill summaries for {stage.name}" >> beam.ParDo(SpillSummary(recipe, i))
                      | f"List spilled summaries of {stage.name}" >> beam.combiners.ToList()
                      | f"Finalize {stage.name}" >> beam.Map(timed(
                          lambda spills, st=stage, i=i: finalize_spills(spills, st, i),
@@ -338,10 +346,10 @@ def _build_pipeline(beam, p, recipe: Recipe, tasks: list[InputTask], work: Path,
                      | f"Reduce groups of {stage.name}" >> beam.MapTuple(timed(
                          lambda part, tables, st=stage: (
                              part, st.reduce(pa.concat_tables(list(tables)))), stage.name))
-                     | f"Gather edges of {stage.name}" >> beam.CombineGlobally(ConcatTables())
+                     | f"Gather edges of {stage.name}" >> beam.CombineGlobally(PartitionTables())
                      | f"Resolve {stage.name}" >> beam.Map(timed(
-                         lambda edges, st=stage, i=i: drop_list_state(
-                             st, st.resolve(edges), work / f"seg{i:02d}" / "drops"),
+                         lambda parts, st=stage, i=i: drop_list_state(
+                             st, st.resolve_parts(parts), work / f"seg{i:02d}" / "drops"),
                          stage.name)))
         if i not in saved:
             state = state | f"Save state of {stage.name}" >> beam.Map(save_state, i)
@@ -465,8 +473,8 @@ def _state_path(work: Path, segment: int) -> Path:
     return work / f"seg{segment:02d}" / "state.pkl"
 
 
-def _spill_path(work: Path, segment: int, task: int, seq: int) -> Path:
-    return task_dir(work, segment, task) / f"summary-{seq:06d}.spill"
+def _spill_path(work: Path, segment: int, task: int) -> Path:
+    return task_dir(work, segment, task) / "summary.spill"
 
 
 def _remove_tree(path: Path) -> None:

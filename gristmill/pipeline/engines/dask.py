@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
 from tqdm.auto import tqdm
 
 from gristmill.pipeline import observe, storage
@@ -37,6 +36,7 @@ from gristmill.pipeline.engines.local import (
     execute_segments,
     finalize_spilled,
     reduce_partition,
+    resolve_reduced,
     run_task,
     task_dir,
 )
@@ -47,8 +47,9 @@ from gristmill.pipeline.writers import atomic_write_bytes
 
 
 def _reduce_partition(recipe: Recipe, work: Path, segment: int, task_indices: list[int],
-                      partition: int, stage_name: str) -> pa.Table | None:
-    """Read one key partition from every task's spill and reduce it (runs on a worker)."""
+                      partition: int, stage_name: str) -> Path | None:
+    """Read one key partition from every task's spill, reduce it and write the reduced
+    table to the work folder (runs on a worker); its path."""
     started = observe.start_clock()
     reduced = reduce_partition(recipe, work, segment, task_indices, partition, stage_name)
     observe.save_barrier_time(work, stage_name, "barrier", started)
@@ -135,11 +136,11 @@ class DaskEngine:
             futs = [client.submit(_reduce_partition, self.recipe, work, segment_index, indices,
                                   p, stage.name, pure=False)
                     for p in range(self.recipe.engine.shuffle_partitions)]
-            reduced = [r for r in self._gather(client, futs, f"reduce [{stage.name}]")
-                       if r is not None]
+            # each worker writes its partition's reduced table to the work folder; the
+            # client reads them back one at a time
+            paths = self._gather(client, futs, f"reduce [{stage.name}]")
             started = observe.start_clock()
-            state = stage.resolve(pa.concat_tables(reduced) if reduced else None)
-            del reduced
+            state = resolve_reduced(stage, paths)
             state = drop_list_state(stage, state, work / f"seg{segment_index:02d}" / "drops")
             observe.save_barrier_time(work, stage.name, "barrier", started)
         else:

@@ -28,7 +28,7 @@ import multiprocessing as mp
 import os
 import pickle
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -303,11 +303,14 @@ def _run_task(recipe: Recipe, work: Path, segment_index: int, task: InputTask) -
 
 
 def reduce_partition(recipe: Recipe, work: Path, segment: int, task_indices: list[int],
-                     partition: int, stage_name: str) -> pa.Table | None:
-    """Read key partition ``partition`` of every task's spill and reduce it.
+                     partition: int, stage_name: str) -> Path | None:
+    """Read key partition ``partition`` of every task's spill, reduce it and write the
+    reduced table to ``segNN/reduced/part-PPPP.arrow``; returns that path (None when
+    the partition reduced to nothing).
 
-    Runs in a worker (pool process, Dask worker), so the engine's driver holds
-    only the reduced tables (dedup: the candidate edges), never a key partition.
+    Runs in a worker (pool process, Dask worker): the driver never holds a key
+    partition, nor every partition's reduced table at once (``resolve_reduced``
+    reads them back one at a time).
     """
     parts = []
     for t in task_indices:
@@ -319,7 +322,28 @@ def reduce_partition(recipe: Recipe, work: Path, segment: int, task_indices: lis
         return None
     stage = next(s for s in recipe.build_stages() if s.name == stage_name)
     reduced = stage.reduce(pa.concat_tables(parts))
-    return reduced if reduced is not None and reduced.num_rows else None
+    del parts
+    if reduced is None or not reduced.num_rows:
+        return None
+    path = work / f"seg{segment:02d}" / "reduced" / f"part-{partition:04d}.arrow"
+    storage.mkdirs(path.parent)
+    with AtomicFile(path) as sink:
+        with pa.ipc.new_stream(sink.file, reduced.schema) as writer:
+            writer.write_table(reduced)
+    return path
+
+
+def resolve_reduced(stage: ShuffleStage, paths: list[Path | None]) -> Any:
+    """``stage.resolve_parts`` over the reduced partitions ``reduce_partition`` wrote,
+    read one at a time in partition order (dedup folds them as they come, so the
+    driver holds one partition's table beside what it keeps)."""
+    def tables() -> Iterator[pa.Table]:
+        for p in paths:
+            if p is not None:
+                with storage.open_read(p) as src:
+                    yield pa.ipc.open_stream(src).read_all()
+
+    return stage.resolve_parts(tables())
 
 
 def finalize_spilled(work: Path, segment: int, tasks: list[InputTask], stage: GlobalStage) -> Any:
@@ -354,11 +378,9 @@ def finish_barrier(recipe: Recipe, work: Path, segment: Segment, tasks: list[Inp
         indices = [t.index for t in tasks]
         args = [(recipe, work, segment.index, indices, p, stage.name)
                 for p in range(recipe.engine.shuffle_partitions)]
-        got = (map_partitions(reduce_partition, args) if map_partitions is not None
-               else [reduce_partition(*a) for a in args])
-        reduced = [r for r in got if r is not None]  # partition order, whatever ran them
-        state = stage.resolve(pa.concat_tables(reduced) if reduced else None)
-        del got, reduced
+        paths = (map_partitions(reduce_partition, args) if map_partitions is not None
+                 else [reduce_partition(*a) for a in args])  # partition order
+        state = resolve_reduced(stage, paths)
         state = drop_list_state(stage, state, seg_dir / "drops")
     observe.save_barrier_time(work, stage.name, "barrier", started)
     atomic_write_bytes(state_path, pickle.dumps(state))
