@@ -66,7 +66,7 @@ def test_top_fraction_from_spilled_files_equals_the_in_memory_selection(trial, m
             files.append(sink.getvalue())
     # a tiny merge buffer: many rounds, every chunk boundary exercised
     monkeypatch.setattr(tf, "MERGE_RECORDS", int(rng.integers(1, 64)))
-    monkeypatch.setattr(tf, "MIN_CHUNK", 1)
+    monkeypatch.setattr(tf, "FAN_IN", int(rng.integers(2, 5)))  # and merges in passes
     got = stage.finalize_spilled([lambda b=b: io.BytesIO(b) for b in files])
     assert got == want
     kept_mem = stage.apply(table, want).kept.column("_key").to_pylist()

@@ -140,6 +140,9 @@ class TaskStats:
         c["kept"] += out.kept.num_rows
         # a stage may repeat rows (a mixture upsampling a domain): count the copies
         c["added"] += max(0, out.kept.num_rows + out.dropped.num_rows - n_in)
+        if out.weight is not None:
+            c["weight_in"] = c.get("weight_in", 0) + out.weight[0]
+            c["weight_kept"] = c.get("weight_kept", 0) + out.weight[1]
         if out.dropped.num_rows:
             vc = pc.value_counts(out.dropped.column("reason")).to_pylist()
             for item in vc:
@@ -172,6 +175,9 @@ class TaskStats:
             mine["in"] += c["in"]
             mine["kept"] += c["kept"]
             mine["added"] += c.get("added", 0)
+            for key in ("weight_in", "weight_kept"):
+                if key in c:
+                    mine[key] = mine.get(key, 0) + c[key]
             for r, n in c["dropped"].items():
                 mine["dropped"][r] = mine["dropped"].get(r, 0) + n
         for where in ("in", "out"):

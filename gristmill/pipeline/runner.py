@@ -288,6 +288,23 @@ def _publish_rejects(out: Path, tasks: list[InputTask], result: EngineResult,
     return published
 
 
+def _selections(artifacts: dict[str, dict[str, bytes]],
+                counts: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Per stage that published a ``threshold.json`` (``top_fraction``): its content
+    (threshold, method, error bound) and the weight its ``apply`` kept, counted."""
+    out = {}
+    for name, files in sorted(artifacts.items()):
+        if "threshold.json" in files:
+            sel = json.loads(files["threshold.json"])
+            c = counts.get(name, {})
+            if "weight_in" in c:
+                sel["selected_weight"] = c["weight_kept"]
+                sel["selected_weight_fraction"] = (c["weight_kept"] / c["weight_in"]
+                                                   if c["weight_in"] else 0.0)
+            out[name] = sel
+    return out
+
+
 def _commit(recipe: Recipe, out: Path, tasks: list[InputTask], result: EngineResult,
             fingerprint: str, t0: float) -> dict[str, Any]:
     shards: list[dict[str, Any]] = []
@@ -329,7 +346,8 @@ def _commit(recipe: Recipe, out: Path, tasks: list[InputTask], result: EngineRes
         stage_counts.append({"stage": spec_stage.name, "type": spec_stage.type_name,
                              "in": c["in"], "kept": c["kept"], "added": c.get("added", 0),
                              "dropped": sum(c["dropped"].values()),
-                             "dropped_by_reason": dict(sorted(c["dropped"].items()))})
+                             "dropped_by_reason": dict(sorted(c["dropped"].items())),
+                             **{k: c[k] for k in ("weight_in", "weight_kept") if k in c}})
     schema = carried_schema.manifest_schema(out, shards) \
         if recipe.output.format == "parquet" else []
     plan = carried_schema.load_plan(result.final_dir.parent)
@@ -352,6 +370,7 @@ def _commit(recipe: Recipe, out: Path, tasks: list[InputTask], result: EngineRes
         "rejects": rejects_files,
         "dropped": dropped_files,
         "artifacts": sorted(artifacts),
+        "selections": _selections(result.artifacts, stats.counts),
         "timings": {"finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                     "seconds": round(time.time() - t0, 3), "engine": recipe.engine.kind,
                     "workers": recipe.engine.workers,

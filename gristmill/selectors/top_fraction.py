@@ -8,25 +8,30 @@ their cumulative characters reach ``fraction`` of the corpus's characters.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from typing import Any, BinaryIO, ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from gristmill.pipeline.hashing import record_hash
 from gristmill.pipeline.stage import GlobalStage, StageOutput, StageParams, split_batch
+from gristmill.selectors.quantile_sketch import WeightedKLL, capacity_for
 
 #: a spilled record: the score as a key that sorts ascending in selection order
 #: (``score_key``), the tie-break hash, the weight (characters or 1)
 SPILL_DTYPE = np.dtype([("k", "<u8"), ("t", "<u8"), ("w", "<i8")])
-#: records the k-way merge buffers at once (1.5 MB), split among the files ...
+#: records the k-way merge buffers at once (1.5 MB), split among the files
 MERGE_RECORDS = 1 << 16
-#: ... but at least this many per file (many files: 6 KB each)
-MIN_CHUNK = 256
+#: files merged at once; more are merged in passes (``merge_runs``), so at most
+#: ``MERGE_RECORDS / FAN_IN`` (1,024) records are read from a file at a time
+FAN_IN = 64
 _SIGN = np.uint64(1 << 63)
 
 
@@ -73,54 +78,95 @@ def _read_records(f: BinaryIO, n: int) -> np.ndarray:
     return np.frombuffer(b"".join(chunks), dtype=SPILL_DTYPE)
 
 
+def _merged_chunks(files: list[BinaryIO], rows: list[int]) -> Iterator[np.ndarray]:
+    """The records of sorted files (``rows`` each, headers read), merged, in sorted
+    chunks: every file buffers its next ``max(1, MERGE_RECORDS / files)`` records,
+    and the records up to the smallest last key of the files that are not
+    exhausted are merged (a stable sort, files in the order given)."""
+    chunk = max(1, MERGE_RECORDS // max(1, len(files)))
+    bufs = [np.empty(0, dtype=SPILL_DTYPE) for _ in files]
+    left = list(rows)  # rows not yet read, per file
+    while True:
+        for i, f in enumerate(files):
+            if bufs[i].size == 0 and left[i]:
+                bufs[i] = _read_records(f, min(chunk, left[i]))
+                left[i] -= bufs[i].size
+                if bufs[i].size == 0:
+                    raise ValueError("a spilled top_fraction summary is truncated")
+        live = [i for i in range(len(files)) if bufs[i].size]
+        if not live:
+            return
+        open_ends = [(bufs[i]["k"][-1], bufs[i]["t"][-1]) for i in live if left[i]]
+        parts = []
+        for i in live:
+            n = bufs[i].size if not open_ends else _count_upto(bufs[i], *min(open_ends))
+            parts.append(bufs[i][:n])
+            bufs[i] = bufs[i][n:]
+        merged = np.concatenate(parts)
+        yield merged[np.lexsort((merged["t"], merged["k"]))]
+
+
+def _open_all(stack: ExitStack, sources: list[Callable[[], BinaryIO]]
+              ) -> tuple[list[BinaryIO], list[int], list[int]]:
+    files = [stack.enter_context(open_()) for open_ in sources]
+    heads = [np.frombuffer(f.read(16), dtype="<i8") for f in files]
+    return files, [int(h[0]) for h in heads], [int(h[1]) for h in heads]
+
+
+def merge_runs(sources: list[Callable[[], BinaryIO]], scratch: str
+               ) -> list[Callable[[], BinaryIO]]:
+    """One pass of a multi-pass merge: every ``FAN_IN`` consecutive files merged
+    into one sorted file (same format) in the folder ``scratch``; returns openers
+    of the new files, in order. Equal records keep the files' order, so the
+    final merge is the single-pass merge's, bit for bit."""
+    out = []
+    for g in range(0, len(sources), FAN_IN):
+        path = os.path.join(scratch, f"run-{g // FAN_IN:06d}.spill")
+        with ExitStack() as stack, open(path, "wb") as sink:
+            files, rows, weights = _open_all(stack, sources[g:g + FAN_IN])
+            sink.write(np.array([sum(rows), sum(weights)], dtype="<i8").tobytes())
+            for merged in _merged_chunks(files, rows):
+                sink.write(merged.tobytes())
+        out.append(lambda p=path: open(p, "rb"))
+    return out
+
+
 def select_spilled(sources: list[Callable[[], BinaryIO]], fraction: float) -> dict[str, Any]:
     """The top-fraction cut of spilled, sorted record files, streaming.
 
-    Totals come from the headers; then the files are merged in chunks: every
-    file buffers its next ``max(MIN_CHUNK, MERGE_RECORDS / files)`` records,
-    the records up to the smallest last key of the files that are not
-    exhausted are merged (a stable sort, files in task order), their weights
-    accumulated, and the first record whose cumulative weight reaches
-    ``fraction * total`` is the cut (the last record if none does), as in
-    ``TopFraction.finalize``.
+    Totals come from the headers; then the files are merged in sorted chunks
+    (``_merged_chunks``), their weights accumulated, and the first record whose
+    cumulative weight reaches ``fraction * total`` is the cut (the last record
+    if none does), as in ``TopFraction.finalize``. More than ``FAN_IN`` files
+    are first merged ``FAN_IN`` at a time into sorted files in a temporary
+    folder (``merge_runs``, as many passes as needed), so the merge buffers at
+    most ``MERGE_RECORDS`` records whatever the number of files.
     """
-    with ExitStack() as stack:
-        files = [stack.enter_context(open_()) for open_ in sources]
-        heads = [np.frombuffer(f.read(16), dtype="<i8") for f in files]
-        rows = int(sum(int(h[0]) for h in heads))
-        total = int(sum(int(h[1]) for h in heads))
-        if rows == 0:
-            return {"score": np.inf, "tie": 0, "kept_weight": 0, "total_weight": 0}
-        target = fraction * total
-        chunk = max(MIN_CHUNK, MERGE_RECORDS // len(files))
-        bufs = [np.empty(0, dtype=SPILL_DTYPE) for _ in files]
-        left = [int(h[0]) for h in heads]  # rows not yet read, per file
-        cum = seen = 0
-        last = None
-        while True:
-            for i, f in enumerate(files):
-                if bufs[i].size == 0 and left[i]:
-                    bufs[i] = _read_records(f, min(chunk, left[i]))
-                    left[i] -= bufs[i].size
-                    if bufs[i].size == 0:
-                        raise ValueError("a spilled top_fraction summary is truncated")
-            live = [i for i in range(len(files)) if bufs[i].size]
-            if not live:
-                break
-            open_ends = [(bufs[i]["k"][-1], bufs[i]["t"][-1]) for i in live if left[i]]
-            parts = []
-            for i in live:
-                n = bufs[i].size if not open_ends else _count_upto(bufs[i], *min(open_ends))
-                parts.append(bufs[i][:n])
-                bufs[i] = bufs[i][n:]
-            merged = np.concatenate(parts)
-            merged = merged[np.lexsort((merged["t"], merged["k"]))]
-            c = cum + np.cumsum(merged["w"])
-            j = int(np.searchsorted(c, target, side="left"))
-            if j < merged.size:
-                return _cut(merged[j], int(c[j]), seen + j + 1, total, rows)
-            cum, seen, last = int(c[-1]), seen + merged.size, merged[-1]
-        return _cut(last, cum, seen, total, rows)
+    scratch: list[str] = []
+    try:
+        while len(sources) > FAN_IN:
+            scratch.append(tempfile.mkdtemp(prefix="gristmill-top-fraction-"))
+            sources = merge_runs(sources, scratch[-1])
+            if len(scratch) > 1:  # the pass before is read; its files can go
+                shutil.rmtree(scratch.pop(0), ignore_errors=True)
+        with ExitStack() as stack:
+            files, heads_rows, heads_weight = _open_all(stack, sources)
+            rows, total = sum(heads_rows), sum(heads_weight)
+            if rows == 0:
+                return {"score": np.inf, "tie": 0, "kept_weight": 0, "total_weight": 0}
+            target = fraction * total
+            cum = seen = 0
+            last = None
+            for merged in _merged_chunks(files, heads_rows):
+                c = cum + np.cumsum(merged["w"])
+                j = int(np.searchsorted(c, target, side="left"))
+                if j < merged.size:
+                    return _cut(merged[j], int(c[j]), seen + j + 1, total, rows)
+                cum, seen, last = int(c[-1]), seen + merged.size, merged[-1]
+            return _cut(last, cum, seen, total, rows)
+    finally:
+        for d in scratch:
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def _cut(rec: np.void, kept_weight: int, kept_rows: int, total: int, rows: int) -> dict[str, Any]:
@@ -134,6 +180,19 @@ class TopFractionParams(StageParams):
     fraction: float = Field(gt=0, le=1, description="fraction of characters (or rows) to keep")
     by: Literal["chars", "rows"] = "chars"
     order: Literal["max", "min"] = "max"
+    method: Literal["exact", "sketch"] = Field(
+        "exact", description="'exact' (spilled, sorted records) or 'sketch' (a KLL sketch)")
+    epsilon: float = Field(0.001, gt=0, le=0.5, description="sketch: rank error bound, a "
+                           "fraction of the total weight")
+    delta: float = Field(1e-6, gt=0, lt=1, description="sketch: probability that the bound fails")
+
+    @model_validator(mode="after")
+    def _sketch_fields_need_the_sketch(self) -> TopFractionParams:
+        given = {"epsilon", "delta"} & self.model_fields_set
+        if given and self.method != "sketch":
+            raise ValueError(f"{', '.join(sorted(given))} applies to method: sketch only "
+                             f"(method is {self.method!r})")
+        return self
 
 
 class TopFraction(GlobalStage):
@@ -143,15 +202,36 @@ class TopFraction(GlobalStage):
     seed and id, so the cut is deterministic on any engine), record ``k`` is
     the first whose cumulative characters ``sum_{j<=k} c_j`` reach
     ``fraction * sum_j c_j``; records up to and including ``k`` are kept.
-    A missing or NaN score ranks last.
+    A missing or NaN score ranks last; ``-0.0`` is ``0.0``.
 
-    The summary holds (score, characters, tie-break hash) per record: 24 bytes
-    per record, exact. It is spilled (``spills``): each task writes its records
-    sorted in selection order, and the threshold is found by a streaming
-    k-way merge of those files (``select_spilled``) that holds a bounded
-    number of records (``MERGE_RECORDS``, at least ``MIN_CHUNK`` per file)
-    whatever the corpus size; the result is the in-memory selection's, bit for
-    bit. ``artifacts`` publishes the threshold.
+    ``method: exact`` (default). The summary holds (score, characters,
+    tie-break hash) per record: 24 bytes per record. It is spilled
+    (``spills``): each task writes its records sorted in selection order, and
+    the threshold is found by a streaming k-way merge of those files
+    (``select_spilled``; more than ``FAN_IN`` files are merged in passes) that
+    holds at most ``MERGE_RECORDS`` records whatever the corpus size or the
+    number of files; the result is the in-memory selection's, bit for bit.
+
+    ``method: sketch``. Each task spills a weighted KLL sketch of its records
+    (``quantile_sketch.WeightedKLL``; Karnin, Lang & Liberty 2016) instead of
+    the records, and the driver merges the tasks' sketches in task order and
+    cuts at the first retained record whose estimated cumulative weight
+    reaches ``tau = fraction * W``. The sketch retains ``O(k + log W)``
+    records, ``k = ceil(sqrt(8 ln(4/delta)) / epsilon)``. With probability at
+    least ``1 - delta`` the weight kept, ``W_kept``, satisfies
+    ``tau - t <= W_kept < tau + t + w_max``, where ``t <= epsilon W`` is the
+    bound of the compactions that ran (``error_bound_weight``) and ``w_max``
+    the heaviest record (the exact method overshoots ``tau`` by less than
+    one record too). The coins are seeded hashes and each task's sketch
+    depends on its records only, so every engine, worker count and resume
+    gives the same selection.
+
+    ``artifacts`` publishes ``threshold.json``: the threshold, the method and,
+    for the sketch, ``epsilon``, ``delta``, ``error_bound_weight`` (``t``),
+    ``error_bound_fraction`` (``t / W``), ``estimated_kept_weight`` and the
+    sketch's retained records. The weight ``apply`` kept is counted per batch
+    (``StageOutput.weight``) and the manifest reports it beside the threshold
+    (``selections``).
 
     Parameters
     ----------
@@ -163,6 +243,25 @@ class TopFraction(GlobalStage):
         ``"chars"`` (text length in characters) or ``"rows"``.
     order : str
         ``"max"`` keeps the highest scores, ``"min"`` the lowest.
+    method : str
+        ``"exact"`` (default) or ``"sketch"``.
+    epsilon : float
+        Sketch only: the rank error bound as a fraction of the total weight, in
+        (0, 0.5]; default 0.001.
+    delta : float
+        Sketch only: the probability that the bound does not hold, in (0, 1);
+        default 1e-6.
+
+    Examples
+    --------
+    >>> import pyarrow as pa
+    >>> stage = TopFraction({"column": "s", "fraction": 0.5, "by": "rows",
+    ...                      "method": "sketch", "epsilon": 0.01})
+    >>> batch = pa.table({"id": [str(i) for i in range(1000)], "s": list(range(1000)),
+    ...                   "text": ["x"] * 1000})
+    >>> state = stage.finalize(stage.summarize(batch))
+    >>> abs(stage.apply(batch, state).kept.num_rows - 500) <= state["error_bound_weight"] + 1
+    True
     """
 
     type_name = "top_fraction"
@@ -193,7 +292,9 @@ class TopFraction(GlobalStage):
 
     def finalize(self, summary) -> dict[str, Any]:
         if summary is None:
-            return {"score": np.inf, "tie": 0, "kept_weight": 0, "total_weight": 0}
+            return self._empty_state()
+        if self.params.method == "sketch":
+            return self._sketch_state(self._task_sketch(summary))
         s, w, tie = summary
         # descending score, then ascending tie hash
         order = np.lexsort((tie, -s))
@@ -205,27 +306,74 @@ class TopFraction(GlobalStage):
         return {"score": float(s[i]), "tie": int(tie[i]), "kept_weight": int(cum[k]),
                 "total_weight": total, "kept_rows": k + 1, "rows": int(len(order))}
 
+    def _empty_state(self) -> dict[str, Any]:
+        state = {"score": np.inf, "tie": 0, "kept_weight": 0, "total_weight": 0}
+        if self.params.method == "sketch":
+            state = {"score": np.inf, "tie": 0, "estimated_kept_weight": 0, "total_weight": 0,
+                     "rows": 0, **self._sketch_fields(None)}
+        return state
+
+    def _task_sketch(self, summary) -> WeightedKLL:
+        rec = spill_records(*summary)
+        return WeightedKLL.from_sorted(rec["k"], rec["t"], rec["w"], self._sketch_k(), self.seed)
+
+    def _sketch_k(self) -> int:
+        return capacity_for(self.params.epsilon, self.params.delta)
+
+    def _sketch_fields(self, sk: WeightedKLL | None) -> dict[str, Any]:
+        bound = sk.error_bound(self.params.delta) if sk is not None else 0.0
+        total = sk.total if sk is not None else 0
+        return {"method": "sketch", "epsilon": self.params.epsilon, "delta": self.params.delta,
+                "error_bound_weight": bound,
+                "error_bound_fraction": bound / total if total else 0.0,
+                "max_record_weight": sk.max_weight if sk is not None else 0,
+                "sketch_k": self._sketch_k(),
+                "retained_items": sk.retained() if sk is not None else 0}
+
+    def _sketch_state(self, sk: WeightedKLL) -> dict[str, Any]:
+        if sk.rows == 0:
+            return self._empty_state()
+        item, est = sk.cut(self.params.fraction)
+        return {"score": float(key_score(np.array([item["k"]], dtype=np.uint64))[0]),
+                "tie": int(item["t"]), "estimated_kept_weight": est, "total_weight": sk.total,
+                "rows": sk.rows, **self._sketch_fields(sk)}
+
     def spill_summary(self, summary, sink: BinaryIO) -> None:
-        """One task's records as ``SPILL_DTYPE`` rows in selection order, after a
-        header (rows, total weight)."""
+        """Exact: one task's records as ``SPILL_DTYPE`` rows in selection order,
+        after a header (rows, total weight). Sketch: the task's sketch."""
+        if self.params.method == "sketch":
+            self._task_sketch(summary).write(sink)
+            return
         rec = spill_records(*summary)
         sink.write(np.array([rec.size, int(rec["w"].sum())], dtype="<i8").tobytes())
         sink.write(rec.tobytes())
 
     def finalize_spilled(self, sources: list[Callable[[], BinaryIO]]) -> dict[str, Any]:
-        return select_spilled(sources, self.params.fraction)
+        if self.params.method == "exact":
+            return select_spilled(sources, self.params.fraction)
+        acc: WeightedKLL | None = None
+        for open_ in sources:  # task order, one sketch read at a time
+            with open_() as f:
+                sk = WeightedKLL.read(f)
+            acc = sk if acc is None else acc.merge(sk)
+        return self._empty_state() if acc is None else self._sketch_state(acc)
 
     def apply(self, batch: pa.Table, state: dict[str, Any]) -> StageOutput:
-        s, _, tie = self._keys(batch)
+        s, w, tie = self._keys(batch)
         keep = (s > state["score"]) | ((s == state["score"]) & (tie <= np.uint64(state["tie"])))
         sign = -1 if self.params.order == "min" else 1
-        return split_batch(batch, keep, self.name, "below_threshold",
-                           np.array([f"threshold={sign * state['score']:.6g}"] * batch.num_rows,
-                                    dtype=object))
+        out = split_batch(batch, keep, self.name, "below_threshold",
+                          np.array([f"threshold={sign * state['score']:.6g}"] * batch.num_rows,
+                                   dtype=object))
+        out.weight = (int(w.sum()), int(w[keep].sum()))
+        return out
 
     def artifacts(self, state: dict[str, Any]) -> dict[str, bytes]:
         out = dict(state)
         out["threshold"] = (-1 if self.params.order == "min" else 1) * out.pop("score")
         out["column"], out["fraction"], out["by"] = (self.params.column, self.params.fraction,
                                                      self.params.by)
+        out.setdefault("method", "exact")
+        if out["method"] == "exact":  # the exact cut has no rank error
+            out["error_bound_weight"], out["error_bound_fraction"] = 0, 0.0
         return {"threshold.json": json.dumps(out, indent=2).encode()}
