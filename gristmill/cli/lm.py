@@ -3,6 +3,7 @@
 ::
 
     gristmill tokenize --tokenizer runs/tok --out runs/tokens/train out/
+    gristmill tokenize --tokenizer s3://models/tok --out s3://data/tokens/train s3://data/out
     gristmill train-lm lm.yaml --set max_steps=200 --set seed=1
     torchrun --nproc_per_node 8 -m gristmill.cli train-lm lm.yaml --set bf16=true
 """
@@ -19,12 +20,16 @@ SHARD_GLOBS = ("part-*.parquet", "part-*.jsonl")
 
 
 def shard_files(paths: list[str]) -> list[Path]:
-    """Expand run output folders (``<out>/shards/part-*``) and shard folders into files."""
+    """Expand run output folders (``<out>/shards/part-*``) and shard folders into files;
+    local paths or URLs (``s3://bucket/out``), through ``gristmill.pipeline.storage``."""
+    from gristmill.pipeline import storage
+
     files: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            folder = p / "shards" if (p / "shards").is_dir() else p
-            found = sorted(f for g in SHARD_GLOBS for f in folder.glob(g))
+    for p in map(storage.as_path, paths):
+        if storage.is_dir(p):
+            folder = p / "shards" if storage.is_dir(p / "shards") else p
+            found = sorted((f for g in SHARD_GLOBS for f in storage.glob_files(folder / g)),
+                           key=str)
             if not found:
                 raise ValueError(f"shards: no part-*.parquet or part-*.jsonl in {folder}")
             files += found
@@ -69,8 +74,9 @@ def load_train_config(path: str, overrides: list[str]):
 
 
 def run_tokenize(args: argparse.Namespace) -> int:
+    from gristmill.pipeline import storage
     from gristmill.pipeline.model_cache import is_model_folder, localize
-    from gristmill.pipeline.tokenized import IndexedTokens, tokenize_shards
+    from gristmill.pipeline.tokenized import describe_tokenized, tokenize_shards
 
     if not is_model_folder(args.tokenizer):
         raise CommandError(f"tokenize: --tokenizer {args.tokenizer} is not a folder")
@@ -78,13 +84,13 @@ def run_tokenize(args: argparse.Namespace) -> int:
         files = shard_files(args.shards)
     except ValueError as e:
         raise CommandError(f"tokenize: {e}") from None
-    missing = [str(f) for f in files if not f.exists()]
+    missing = [str(f) for f in files if not storage.is_file(f)]
     if missing:
         raise CommandError(f"tokenize: no such shard file(s): {', '.join(missing)}")
     tokenize_shards(files, localize(args.tokenizer), args.out, text_column=args.text_column,
                     domain_column=args.domain_column or None, append_eos=not args.no_eos,
                     batch_size=args.batch_size, tokenizer_label=args.tokenizer)
-    print(IndexedTokens(args.out))
+    print(describe_tokenized(args.out))
     return 0
 
 
@@ -99,10 +105,12 @@ def run_train_lm(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     tok = subparsers.add_parser("tokenize", help="tokenize output shards into Megatron .bin/.idx")
-    tok.add_argument("shards", nargs="+", help="shard files, shard folders or run output folders")
+    tok.add_argument("shards", nargs="+", help="shard files, shard folders or run output folders "
+                     "(local paths or URLs: s3://...)")
     tok.add_argument("--tokenizer", required=True, help="Hugging Face tokenizer folder, or its URL "
                      "(s3://..., fetched into the model cache)")
-    tok.add_argument("--out", required=True, help="output prefix (writes .bin, .idx, .dom.npy, .domains.json)")
+    tok.add_argument("--out", required=True, help="output prefix (writes .bin, .idx, .dom.npy, "
+                     ".domains.json); a URL (s3://...) gets them uploaded, .idx last")
     tok.add_argument("--text-column", default="text", help="column holding the text")
     tok.add_argument("--domain-column", default="domain", help="empty string to ignore domains")
     tok.add_argument("--no-eos", action="store_true", help="do not append eos to each document")

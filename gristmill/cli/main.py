@@ -25,6 +25,7 @@ COMMAND_MODULES: list[str] = [
     "gristmill.cli.examples",
     "gristmill.cli.real_corpus",
     "gristmill.cli.stages",
+    "gristmill.cli.cache",
 ]
 
 

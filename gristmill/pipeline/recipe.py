@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from gristmill.extras import ENGINE_EXTRAS, PROTOCOL_EXTRAS, MissingExtra, require
 from gristmill.pipeline import storage
@@ -174,6 +174,20 @@ class Recipe(_Model):
     output: OutputSpec
     engine: EngineSpec = EngineSpec()
     base_dir: str = Field(".", description="folder that relative paths resolve against")
+    # the run's pins of every model, tokenizer and list (``model_cache.plan_pins``): set
+    # by the runner, never by a recipe file; not part of the fingerprint (the manifest
+    # lists them as ``models``), part of the stage cache key
+    _pins: list[dict[str, Any]] = PrivateAttr(default_factory=list)
+
+    @property
+    def pins(self) -> list[dict[str, Any]]:
+        return self._pins
+
+    def with_pins(self, pins: list[dict[str, Any]]) -> Recipe:
+        """A copy whose stages load exactly the pinned versions (``Stage.local_path``)."""
+        copy = self.model_copy()
+        copy._pins = list(pins)
+        return copy
 
     # ---- paths -----------------------------------------------------------
     def resolve(self, path: str) -> Path:
@@ -247,6 +261,7 @@ class Recipe(_Model):
                 raise RecipeError(_format_validation(e, prefix=f"stages[{i}]")) from None
             stage = cls(params, name=spec.name or spec.stage, seed=self.seed)
             stage.base_dir = self.base_dir
+            stage.pins = {p["path"]: p for p in self._pins if p["stage"] == stage.name}
             if spec.name is not None:
                 stage.name = spec.name
             if not _STAGE_NAME.fullmatch(stage.name) or stage.name in (".", ".."):
@@ -267,6 +282,8 @@ class Recipe(_Model):
         what a stage does, the recipe folder included (relative model paths resolve
         against it), but not the engine."""
         body = self.model_dump(mode="json", exclude={"engine"})
+        if self._pins:  # a model changed between two runs in one worker: set up again
+            body["pins"] = [p["fingerprint"] for p in self._pins]
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
     def fingerprint(self) -> str:

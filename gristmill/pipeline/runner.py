@@ -43,6 +43,7 @@ from gristmill.pipeline.inputs import (
     refuse_changed_inputs,
     repeated_ids,
 )
+from gristmill.pipeline.model_cache import pin_changes, plan_pins, refuse_changed_models
 from gristmill.pipeline.observe import barrier_times, merge_timings, stage_timings
 from gristmill.pipeline.readers import InputTask
 from gristmill.pipeline.recipe import Recipe, RecipeError, check_recipe, load_recipe
@@ -216,6 +217,8 @@ def run_recipe(recipe: Recipe | str | Path, *, fresh: bool = False, engine: str 
                     f"{old.get('fingerprint', '?')[:12]} vs {fingerprint[:12]}); use --fresh to "
                     f"replace it or choose another output.path")
             if not work.exists():
+                if "models" in old:  # an output made before models were pinned has none
+                    refuse_changed_models(pin_changes(old["models"], recipe), out, "output")
                 recorded = [{**f, "path": str(recipe.resolve(f["path"]))}
                             for f in old.get("files", [])]
                 refuse_changed_inputs(input_changes(recorded, list_tasks(recipe),
@@ -227,13 +230,19 @@ def run_recipe(recipe: Recipe | str | Path, *, fresh: bool = False, engine: str 
             if prev.get("fingerprint") != fingerprint:
                 raise RecipeError(
                     f"{out} holds a partial run of a different recipe; use --fresh to start over")
+            pins = prev.get("models")
+            if pins is None:  # a run started before models were pinned
+                pins = plan_pins(recipe)
+            refuse_changed_models(pin_changes(pins, recipe), out, "partial run")
             refuse_changed_inputs(input_changes(prev.get("inputs", []), files), out,
                                   "partial run")
             plans = prev.get("splits", {})  # the plan of the run it resumes, not a new pass
         else:
+            pins = plan_pins(recipe)  # every model's version, before any data is read
             plans = plan_splits(files, recipe.engine.split_size)
             atomic_write_json(run_info, {"fingerprint": fingerprint, "inputs": listing(files),
-                                         "splits": plans})
+                                         "splits": plans, "models": pins})
+        recipe = recipe.with_pins(pins)  # workers load exactly these versions
         tasks = split_tasks(files, plans)
         if recipe.engine.shuffle_partitions is None:  # from the input size, never the workers
             parts = shuffle_partitions_for(sum(t.size for t in tasks))
@@ -367,6 +376,7 @@ def _commit(recipe: Recipe, out: Path, tasks: list[InputTask], result: EngineRes
         "ids": repeated_ids([id_ledger_path(result.final_dir.parent, t.index) for t in tasks],
                             {t.file_index: t.file_label for t in tasks}),
         "files": files,
+        "models": recipe.pins,  # the version of every model, tokenizer and list used
         "rejects": rejects_files,
         "dropped": dropped_files,
         "artifacts": sorted(artifacts),
@@ -391,14 +401,12 @@ def _tokenize(recipe: Recipe, out: Path, shards: list[dict[str, Any]]) -> dict[s
     """Write ``tokenized/tokens.{bin,idx,dom.npy,domains.json}`` from the published
     shards and return the manifest's ``tokenized`` entry.
 
-    The tokenizer may be a URL (fetched into the model cache). On an object
-    store the four files are written in a local temporary folder, then uploaded
-    one object each (``.idx`` last) through ``storage``; the manifest, written
-    after this returns, is the commit point. ``tokenized/DONE`` lets a resumed
-    run skip the work.
+    The tokenizer may be a URL (fetched into the model cache), the version the
+    run pinned. On an object store the four files are written in a local
+    temporary folder, then uploaded one object each (``.idx`` last; see
+    ``tokenized.tokenize_shards``); the manifest, written after this returns, is
+    the commit point. ``tokenized/DONE`` lets a resumed run skip the work.
     """
-    import tempfile
-
     from gristmill.pipeline.model_cache import localize
     from gristmill.pipeline.tokenized import tokenize_shards
 
@@ -406,17 +414,10 @@ def _tokenize(recipe: Recipe, out: Path, shards: list[dict[str, Any]]) -> dict[s
     folder = out / "tokenized"
     tok = str(recipe.resolve(spec.tokenizer))
     if not (folder / "DONE").exists():
-        remote = storage.is_remote(out)
-        with tempfile.TemporaryDirectory(prefix="gristmill-tokenized-") as tmp:
-            local = Path(tmp) if remote else folder
-            tokenize_shards([out / s["path"] for s in shards], localize(tok), local / "tokens",
-                            text_column=spec.text_column, append_eos=spec.append_eos,
-                            progress=False, tokenizer_label=tok)
-            if remote:
-                for ext in TOKENIZED_EXTS:
-                    with open(local / f"tokens{ext}", "rb") as src, \
-                            storage.AtomicFile(folder / f"tokens{ext}") as dst:
-                        shutil.copyfileobj(src, dst.file, 8 << 20)
+        pin = next((p for p in recipe.pins if p["field"] == "output.tokenize.tokenizer"), None)
+        tokenize_shards([out / s["path"] for s in shards], localize(tok, pin=pin),
+                        folder / "tokens", text_column=spec.text_column,
+                        append_eos=spec.append_eos, progress=False, tokenizer_label=tok)
         atomic_write_bytes(folder / "DONE", b"")
     sidecar = json.loads((folder / "tokens.domains.json").read_text())
     return {"prefix": "tokenized/tokens", "tokenizer": tok,

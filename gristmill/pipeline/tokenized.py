@@ -364,6 +364,14 @@ def tokenize_shards(
     tokenizer_label : str, optional
         What the sidecar records as the tokenizer (default ``tokenizer_path``;
         the runner passes the recipe's URL when it loads a cached copy).
+
+    Returns
+    -------
+    Path
+        ``out_prefix`` (a ``UPath`` for a URL). On an object store
+        (``s3://bucket/tokens/train``) the four files are written in a local
+        temporary folder and then uploaded one object each, ``.idx`` last
+        (``publish_tokenized``).
     """
     from gristmill.pipeline import storage
 
@@ -376,8 +384,50 @@ def tokenize_shards(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     batches = (b for p in paths for b in _read_shard(p, text_column, domain_column, batch_size))
-    return _write_batches(batches, tokenizer_path, out_prefix, append_eos, progress,
-                          tokenizer_label)
+    if not storage.is_remote(out_prefix):
+        return _write_batches(batches, tokenizer_path, out_prefix, append_eos, progress,
+                              tokenizer_label)
+    import tempfile
+
+    out = storage.as_path(out_prefix)
+    with tempfile.TemporaryDirectory(prefix="gristmill-tokenized-") as tmp:
+        local = Path(tmp) / out.name
+        _write_batches(batches, tokenizer_path, local, append_eos, progress, tokenizer_label)
+        publish_tokenized(local, out)
+    return out
+
+
+#: the files of a tokenized prefix in the order they are published: ``.idx`` completes it
+FILE_EXTS = (".bin", ".dom.npy", ".domains.json", ".idx")
+
+
+def publish_tokenized(local_prefix: str | Path, out_prefix: str | Path) -> None:
+    """Copy the four files of a local tokenized prefix to ``out_prefix`` (a local path
+    or a URL), each written whole or not at all (``storage.AtomicFile``), ``.idx``
+    last, so a reader that finds the ``.idx`` finds the whole corpus."""
+    import shutil
+
+    from gristmill.pipeline import storage
+
+    out = storage.as_path(out_prefix)
+    storage.mkdirs(out.parent)
+    for ext in FILE_EXTS:
+        with open(f"{local_prefix}{ext}", "rb") as src, \
+                storage.AtomicFile(out.with_name(out.name + ext)) as dst:
+            shutil.copyfileobj(src, dst.file, 8 << 20)
+
+
+def describe_tokenized(prefix: str | Path) -> str:
+    """One line about a tokenized prefix: ``IndexedTokens``'s for a local one, the
+    sidecar's totals for a URL (read without downloading the tokens)."""
+    from gristmill.pipeline import storage
+
+    if not storage.is_remote(prefix):
+        return repr(IndexedTokens(prefix))
+    p = storage.as_path(prefix)
+    side = json.loads(p.with_name(p.name + ".domains.json").read_text())
+    return (f"IndexedTokens({str(p)!r}, documents={side['num_documents']}, "
+            f"tokens={side['num_tokens']}, domains={side['domains']})")
 
 
 class IndexedTokens:

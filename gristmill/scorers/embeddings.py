@@ -130,6 +130,7 @@ class Embeddings(RowStage):
     """Adds a column (named after the stage) with each text's embedding."""
 
     type_name = "embeddings"
+    path_fields = ("model",)
     Params = EmbeddingsParams
     requires = ("text",)
 

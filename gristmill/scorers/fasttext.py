@@ -140,6 +140,7 @@ class FastTextScorer(RowStage):
     """
 
     type_name = "fasttext"
+    path_fields = ("model",)
     Params: ClassVar = FastTextParams
     extras = ("fasttext",)
 

@@ -554,6 +554,7 @@ class LMLikelihood(RowStage):
     """
 
     type_name = "lm_likelihood"
+    path_fields = ("model",)
     Params = LMLikelihoodParams
     extras = ("torch",)
 

@@ -289,6 +289,7 @@ class PredictiveStrength(RowStage):
     """
 
     type_name = "predictive_strength"
+    path_fields = ("models[].path",)
     Params: ClassVar = PredictiveStrengthParams
     extras = ("torch",)
 

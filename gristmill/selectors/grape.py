@@ -156,6 +156,7 @@ class Grape(RowStage):
     """
 
     type_name = "grape"
+    path_fields = ("model",)
     Params = GrapeParams
     extras = ("torch",)
 

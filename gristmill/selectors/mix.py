@@ -103,6 +103,7 @@ class Mix(GlobalStage):
     """
 
     type_name = "mix"
+    path_fields = ("tokenizer",)
     Params = MixParams
     requires = ("text",)
 

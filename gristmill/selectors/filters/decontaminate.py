@@ -50,7 +50,6 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from gristmill.pipeline.hashing import mix64
-from gristmill.pipeline.model_cache import localize
 from gristmill.pipeline.stage import RowStage, StageOutput, StageParams, split_batch
 from gristmill.pipeline.storage import is_remote
 from gristmill.selectors.filters.text_units import split_words
@@ -133,16 +132,16 @@ class DecontaminateParams(StageParams):
         return self
 
 
-def _expand(path: str | list[str], resolve) -> list[Path]:
+def _expand(path: str | list[str], resolve, local) -> list[Path]:
+    """Files of an eval set's path(s): ``resolve`` makes a pattern absolute, ``local``
+    (``Stage.local_path``) fetches an object or prefix once into the model cache and
+    checks a pinned path against the run's pin."""
     files: list[Path] = []
     for pattern in [path] if isinstance(path, str) else path:
-        p = resolve(pattern)
-        if is_remote(p):
-            if any(c in pattern for c in "*?["):
-                raise ValueError(f"{pattern}: globs are not expanded on object stores; name "
-                                 "an object or a prefix (its files are all read)")
-            p = localize(p)  # an object or a prefix, fetched once into the model cache
-        p = Path(p)
+        if is_remote(resolve(pattern)) and any(c in pattern for c in "*?["):
+            raise ValueError(f"{pattern}: globs are not expanded on object stores; name "
+                             "an object or a prefix (its files are all read)")
+        p = Path(local(pattern))
         if p.is_dir():
             files += sorted(q for q in p.rglob("*") if q.is_file()
                             and q.name.endswith((".jsonl", ".json", ".parquet")))
@@ -226,6 +225,7 @@ class Decontaminate(RowStage):
     """
 
     type_name = "decontaminate"
+    path_fields = ("eval_sets[].path",)
     Params: ClassVar = DecontaminateParams
     requires = ("text",)
 
@@ -235,7 +235,7 @@ class Decontaminate(RowStage):
         return ()
 
     def _files(self) -> list[list[Path]]:
-        return [_expand(s.path, self.resolve_path) for s in self.params.eval_sets]
+        return [_expand(s.path, self.resolve_path, self.local_path) for s in self.params.eval_sets]
 
     def check(self, base_dir: str) -> None:
         for i, (spec, files) in enumerate(zip(self.params.eval_sets, self._files(), strict=True)):

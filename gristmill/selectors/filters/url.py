@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
-from gristmill.pipeline.model_cache import is_model_file, localize
+from gristmill.pipeline.model_cache import is_model_file
 from gristmill.pipeline.stage import RowStage, StageOutput, StageParams, split_batch
 from gristmill.pipeline.storage import is_remote
 
@@ -86,7 +86,8 @@ def domain_suffixes(host: str) -> list[str]:
 
 
 def _read_lines(path: str) -> list[str]:
-    with open(localize(path), encoding="utf-8") as f:
+    """Non-empty, non-comment lines of a local file (``Stage.local_path`` fetches a URL)."""
+    with open(path, encoding="utf-8") as f:
         return [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
 
 
@@ -121,6 +122,7 @@ class UrlFilter(RowStage):
     """
 
     type_name = "url_filter"
+    path_fields = ("block_domains_files", "block_urls_files", "allow_domains_files")
     Params: ClassVar = UrlFilterParams
 
     def input_columns(self) -> tuple[str, ...]:
@@ -142,14 +144,14 @@ class UrlFilter(RowStage):
         def gather(inline: list[str], files: list[str]) -> frozenset[str]:
             items = list(inline)
             for path in files:
-                items += _read_lines(self.resolve_path(path))
+                items += _read_lines(self.local_path(path))
             return frozenset(i.strip().lower().removeprefix("www.").rstrip(".") for i in items)
 
         self._block = gather(p.block_domains, p.block_domains_files)
         self._allow = gather(p.allow_domains, p.allow_domains_files)
         urls = list(p.block_urls)
         for path in p.block_urls_files:
-            urls += _read_lines(self.resolve_path(path))
+            urls += _read_lines(self.local_path(path))
         self._urls = frozenset(u.strip() for u in urls)
         self._banned = frozenset(w.lower() for w in p.banned_words)
         self._soft = frozenset(w.lower() for w in p.soft_banned_words)
