@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import pickle
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -96,17 +97,25 @@ class DaskEngine:
                                dashboard_address=None, host="127.0.0.1")
         return Client(cluster), cluster
 
-    def _gather(self, client, futures: list, desc: str) -> list[Any]:
+    def _gather(self, client, futures: list, desc: str,
+                consume: Callable[[int, Any], None] | None = None) -> list[Any] | None:
+        """Wait for ``futures`` with a progress bar. With ``consume``, each result is
+        handed to ``consume(position, result)`` as it arrives and released on the
+        cluster (nothing returned); without, the results in order."""
         from dask.distributed import as_completed
 
         bar = tqdm(total=len(futures), desc=desc, unit="task", disable=not self.progress,
                    dynamic_ncols=True)
         start = time.monotonic()
-        for n, _ in enumerate(as_completed(futures), 1):
+        position = {f.key: i for i, f in enumerate(futures)}
+        for n, fut in enumerate(as_completed(futures), 1):
+            if consume is not None:
+                consume(position[fut.key], fut.result())
+                fut.release()
             bar.set_postfix({"tasks/s": f"{n / max(time.monotonic() - start, 1e-9):.1f}"})
             bar.update(1)
         bar.close()
-        return client.gather(futures)
+        return None if consume is not None else client.gather(futures)
 
     def _barrier(self, client, work: Path, segment_index: int, tasks: list[InputTask],
                  stage: Stage) -> Any:
@@ -153,10 +162,11 @@ class DaskEngine:
         try:
             client.run(_forget_earlier_runs)
 
-            def map_tasks(seg, desc):
+            def map_tasks(seg, desc, consume):
                 futs = [client.submit(run_task, self.recipe, work, seg.index, t, pure=False)
                         for t in tasks]
-                return self._gather(client, futs, desc)
+                self._gather(client, futs, desc, consume)
+                del futs
 
             return execute_segments(
                 self.recipe, tasks, work, map_tasks,

@@ -396,8 +396,10 @@ class LocalEngine:
         self.recipe = recipe
         self.progress = progress
 
-    def _map(self, segment_index: int, tasks: list[InputTask], work: Path,
-             desc: str) -> list[dict[str, Any]]:
+    def _map(self, segment_index: int, tasks: list[InputTask], work: Path, desc: str,
+             consume: Callable[[int, dict[str, Any]], None]) -> None:
+        """Run the segment's tasks; ``consume(position, result)`` takes each task's
+        result as it arrives (nothing is held here until the segment ends)."""
         workers = min(self.recipe.engine.workers, max(len(tasks), 1))
         total_bytes = sum(t.size for t in tasks) if segment_index == 0 else 0
         bar = tqdm(total=len(tasks), desc=desc, unit="task", disable=not self.progress,
@@ -405,11 +407,10 @@ class LocalEngine:
         start = time.monotonic()
         rows = 0
         done_bytes = 0
-        results: dict[int, dict[str, Any]] = {}
+        position = {t.index: i for i, t in enumerate(tasks)}
 
         def tick(t: InputTask, res: dict[str, Any]) -> None:
             nonlocal rows, done_bytes
-            results[t.index] = res
             rows += res.get("file", {}).get("records", res["rows_out"])
             done_bytes += t.size if segment_index == 0 else 0
             el = max(time.monotonic() - start, 1e-9)
@@ -418,6 +419,7 @@ class LocalEngine:
                 post["MB/s"] = f"{done_bytes / el / 1e6:,.1f}"
             bar.set_postfix(post)
             bar.update(1)
+            consume(position[t.index], res)
 
         if workers <= 1:
             for t in tasks:
@@ -429,9 +431,8 @@ class LocalEngine:
                 futs = {pool.submit(run_task, self.recipe, work, segment_index, t): t
                         for t in tasks}
                 for fut in cf.as_completed(futs):
-                    tick(futs[fut], fut.result())
+                    tick(futs.pop(fut), fut.result())
         bar.close()
-        return [results[t.index] for t in tasks]
 
     def _map_partitions(self, fn: Callable[..., Any], args: list[tuple]) -> list[Any]:
         """``fn(*a)`` for every ``a``, in a pool of ``workers`` processes; results in order.
@@ -450,20 +451,25 @@ class LocalEngine:
         _STATE_CACHE.clear()  # states of an earlier run in this process are never reused
         return execute_segments(
             self.recipe, tasks, work,
-            map_tasks=lambda seg, desc: self._map(seg.index, tasks, work, desc),
+            map_tasks=lambda seg, desc, consume: self._map(seg.index, tasks, work, desc,
+                                                           consume),
             barrier=lambda seg, stage: finish_barrier(self.recipe, work, seg, tasks, stage,
                                                       self._map_partitions))
 
 
 def execute_segments(recipe: Recipe, tasks: list[InputTask], work: Path,
-                     map_tasks: Callable[[Segment, str], list[dict[str, Any]]],
+                     map_tasks: Callable[[Segment, str, Callable[[int, dict[str, Any]], None]],
+                                         None],
                      barrier: Callable[[Segment, Stage], Any], prefix: str = "") -> EngineResult:
     """The segment loop every file-task engine shares.
 
-    ``map_tasks(segment, description)`` runs ``run_task`` for every task of the
-    segment (in a process pool, on a Dask cluster...) and returns the results in
-    task order; ``barrier(segment, stage)`` merges or reduces the segment's exit
-    stage and returns its state.
+    ``map_tasks(segment, description, consume)`` runs ``run_task`` for every task
+    of the segment (in a process pool, on a Dask cluster...) and hands each
+    result to ``consume(position in tasks, result)`` as it arrives, in any
+    order: its statistics are merged into the run's at once (the merges do not
+    depend on the order) and only the small per-file fields are kept, so the
+    driver never holds every task's samples. ``barrier(segment, stage)`` merges
+    or reduces the segment's exit stage and returns its state.
     """
     stages = recipe.build_stages()
     segments = plan_segments(stages)
@@ -473,8 +479,9 @@ def execute_segments(recipe: Recipe, tasks: list[InputTask], work: Path,
     for seg in segments:
         names = [s.name for s in seg.stages] + ([seg.exit.name] if seg.exit else [])
         desc = f"{prefix}segment {seg.index + 1}/{len(segments)} [{', '.join(names) or 'write'}]"
-        results = map_tasks(seg, desc)
-        for tr, res in zip(per_task, results, strict=True):
+
+        def consume(position: int, res: dict[str, Any], seg: Segment = seg) -> None:
+            tr = per_task[position]
             # samples and value samples are per task: merged now, never kept per task
             run_stats.merge(TaskStats.from_json(res.pop("stats")))
             if seg.index == 0:
@@ -484,6 +491,8 @@ def execute_segments(recipe: Recipe, tasks: list[InputTask], work: Path,
                 tr.dropped_files.append(res["dropped_file"])
             if seg.is_last:
                 tr.shards = res.get("shards", [])
+
+        map_tasks(seg, desc, consume)
         if seg.exit is not None:
             exit_stage = next(s for s in stages if s.name == seg.exit.name)
             state = barrier(seg, exit_stage)
