@@ -6,6 +6,10 @@ stream here feeds the decompressor small compressed chunks, returns everything
 decoded before a fault, and raises the fault (``StreamFault``, status
 ``truncated`` or ``corrupt``) on the next read, so a reader keeps every line
 before it.
+
+A piece of a split zstd file (``FrameRange``) starts decoding at a frame boundary
+(frames are independent) and keeps the decompressed bytes of its range;
+``zstd_data_frames`` counts a file's frames from their headers.
 """
 
 from __future__ import annotations
@@ -42,8 +46,11 @@ class DecompressedStream(io.RawIOBase):
     bad byte comes out.
     """
 
-    def __init__(self, path: str, kind: str, tap: Callable[[bytes], Any] | None = None) -> None:
+    def __init__(self, path: str, kind: str, tap: Callable[[bytes], Any] | None = None,
+                 offset: int = 0) -> None:
         self._f = storage.open_read(path)
+        if offset:
+            self._f.seek(offset)  # a frame start (a piece of a split zstd file)
         if tap is not None:
             self._f = TappedFile(self._f, tap)
         self._kind = kind
@@ -133,14 +140,22 @@ class TappedFile:
         self.close()
 
 
+def compression_of(path: str) -> str | None:
+    """``"gz"``, ``"zst"`` or None (not compressed), from the file name."""
+    if path.endswith(".gz"):
+        return "gz"
+    if path.endswith(".zst"):
+        return "zst"
+    return None
+
+
 def open_binary(path: str, tap: Callable[[bytes], Any] | None = None) -> io.IOBase:
     """The file's bytes, decompressed for ``.gz`` and ``.zst``; a local file or an
     object-store URL (``storage.open_read``: ranged reads of 8 MB). ``tap``, if
     given, sees every raw (compressed) byte read, in order."""
-    if path.endswith(".gz"):
-        return DecompressedStream(path, "gz", tap)
-    if path.endswith(".zst"):
-        return DecompressedStream(path, "zst", tap)
+    kind = compression_of(path)
+    if kind is not None:
+        return DecompressedStream(path, kind, tap)
     f = storage.open_read(path)
     return f if tap is None else TappedFile(f, tap)
 
@@ -179,3 +194,105 @@ def open_range(path: str, start: int, end: int,
                tap: Callable[[bytes], Any] | None = None) -> RangeFile:
     """Bytes ``[start, end)`` of an uncompressed file, local or an object-store URL."""
     return RangeFile(path, start, end, tap)
+
+
+class FrameRange:
+    """Decompressed bytes ``[start, end)`` of a multi-frame zstd file (a piece of a
+    split file, see ``splits.plan_zstd``): decoded from the frame that starts at
+    compressed byte ``offset`` and whose output starts at decompressed byte ``base``
+    (``base <= start``), on through later frames until ``end``; the bytes before
+    ``start`` are decoded and dropped. ``tap`` sees every byte returned."""
+
+    def __init__(self, path: str, offset: int, base: int, start: int, end: int,
+                 tap: Callable[[bytes], Any] | None = None) -> None:
+        self._stream = DecompressedStream(path, "zst", offset=offset)
+        self._skip = start - base
+        self._left = end - start
+        self._tap = tap
+
+    def read(self, n: int = -1) -> bytes:
+        while self._left > 0:
+            data = self._stream.read(n if n > 0 else COMPRESSED_CHUNK)
+            if not data:
+                return b""  # ended early: the piece's size and hash check tell
+            if self._skip:
+                dropped = min(self._skip, len(data))
+                data, self._skip = data[dropped:], self._skip - dropped
+                if not data:
+                    continue
+            data = data[:self._left]
+            self._left -= len(data)
+            if self._tap is not None:
+                self._tap(data)
+            return data
+        return b""
+
+    def close(self) -> None:
+        self._stream.close()
+
+    def __enter__(self) -> FrameRange:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+ZSTD_MAGIC = 0xFD2FB528
+SKIPPABLE_MAGIC, SKIPPABLE_MASK = 0x184D2A50, 0xFFFFFFF0  # 16 skippable magics
+
+
+def is_skippable(head: bytes) -> bool:
+    """Whether the frame starting with ``head`` is a skippable frame (no content)."""
+    return len(head) >= 4 and int.from_bytes(head[:4], "little") & SKIPPABLE_MASK == \
+        SKIPPABLE_MAGIC
+
+
+def zstd_data_frames(path: str, stop_at: int) -> int:
+    """How many data frames (skippable ones not counted) a zstd file holds, counting
+    no further than ``stop_at``; -1 when a header is not zstd or the file ends inside
+    a frame.
+
+    Reads headers only, no decompression: a frame's header, then the 3-byte header of
+    each of its blocks (RFC 8878 section 3.1.1.2: last-block bit, type, size), seeking
+    over the blocks' bytes. Local files: a few bytes per block of at most 128 KiB; on
+    an object store the seeks are served by ranged reads of ``storage.READ_BLOCK``, so
+    walking a whole single-frame object downloads it once.
+    """
+    frames = 0
+    with storage.open_read(path) as f:
+        end = f.seek(0, io.SEEK_END)
+        pos = 0
+        while frames < stop_at:
+            f.seek(pos)
+            head = f.read(18)  # the longest frame header
+            if not head:
+                return frames
+            if is_skippable(head):
+                if len(head) < 8:
+                    return -1
+                pos += 8 + int.from_bytes(head[4:8], "little")
+                continue
+            if len(head) < 5 or int.from_bytes(head[:4], "little") != ZSTD_MAGIC:
+                return -1
+            try:
+                pos += zstandard.frame_header_size(head)
+            except zstandard.ZstdError:
+                return -1
+            checksum = head[4] & 0x04
+            while True:
+                f.seek(pos)
+                block = f.read(3)
+                if len(block) < 3:
+                    return -1
+                value = int.from_bytes(block, "little")
+                kind = (value >> 1) & 3
+                if kind == 3:  # reserved block type: not zstd
+                    return -1
+                pos += 3 + (1 if kind == 1 else value >> 3)  # an RLE block stores one byte
+                if value & 1:
+                    break
+            pos += 4 if checksum else 0
+            if pos > end:
+                return -1
+            frames += 1
+    return frames

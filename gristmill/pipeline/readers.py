@@ -91,7 +91,7 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from gristmill.pipeline import storage
-from gristmill.pipeline.decompress import StreamFault, open_binary, open_range
+from gristmill.pipeline.decompress import FrameRange, StreamFault, open_binary, open_range
 from gristmill.pipeline.recipe import SourceSpec
 from gristmill.pipeline.rejects import BATCH_CHARS as REJECT_BATCH_CHARS
 from gristmill.pipeline.rejects import BATCH_ROWS as REJECT_BATCH_ROWS
@@ -123,7 +123,8 @@ def sft_schema(extra: list[str] | None = None) -> pa.Schema:
 @dataclass
 class InputTask:
     """One unit of input work: a file of a source, or a piece of a big one
-    (``splits``: a JSONL byte range of whole lines, a run of Parquet row groups).
+    (``splits``: a JSONL byte range of whole lines, of the file or of a zstd file's
+    decompressed bytes starting in a frame of its own; a run of Parquet row groups).
     Engines distribute these; ``index`` orders them (output names), ``file_index``
     names the file in row keys, so a piece's keys are the unsplit file's keys."""
 
@@ -140,6 +141,10 @@ class InputTask:
     start: int = 0  # JSONL piece: bytes [start, end) of whole lines, the first one
     end: int = -1  # numbered ``first_line``; end -1: the whole file
     first_line: int = 1
+    #: zstd piece: ``start``/``end`` count decompressed bytes; decoding starts at the
+    #: frame at compressed byte ``frame_offset``, whose output starts at ``frame_base``
+    frame_offset: int = -1
+    frame_base: int = 0
     row_groups: list[int] | None = None  # Parquet piece: its row groups, the first
     first_row: int = 0  # one starting at row ``first_row`` of the file
     #: the file as the split plan saw it: size, mtime_ns, xxh3_128, and the piece's
@@ -652,8 +657,10 @@ def read_jsonl(task: InputTask, spec: SourceSpec, report: FileReport,
     reader = _JsonlBlockReader(task, spec, report, batch_size)
     line_no = task.first_line
     try:
-        stream = (open_range(task.path, task.start, task.end, tap) if task.end >= 0
-                  else open_binary(task.path, tap))
+        stream = (open_binary(task.path, tap) if task.end < 0 else
+                  open_range(task.path, task.start, task.end, tap) if task.frame_offset < 0
+                  else FrameRange(task.path, task.frame_offset, task.frame_base, task.start,
+                                  task.end, tap))
     except OSError as e:
         report.file_error("unreadable", f"{type(e).__name__}: {e}")
         return
@@ -728,9 +735,12 @@ def read_parquet(task: InputTask, spec: SourceSpec, report: FileReport,
     ``local_copy``: a local file holding the object's bytes, read instead of it."""
     norm = _Normalizer(spec, task)
     try:
-        pf = pq.ParquetFile(local_copy if local_copy is not None else
-                            storage.open_read(task.path) if storage.is_remote(task.path)
-                            else task.path)
+        # a piece of a split object reads its row groups' column chunks and the footer,
+        # each fetched as it is (no read-ahead into the next piece's row groups)
+        pf = pq.ParquetFile(local_copy if local_copy is not None else task.path
+                            if not storage.is_remote(task.path) else
+                            storage.open_ranges(task.path) if task.is_piece
+                            else storage.open_read(task.path))
         schema = pf.schema_arrow
     except (pa.ArrowException, OSError) as e:
         report.file_error("unreadable", f"{type(e).__name__}: {e}")

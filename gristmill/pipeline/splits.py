@@ -5,11 +5,17 @@ What splits (``engine.split_size``, default 256 MB; ``null`` or 0: never)
     ``n = ceil(size / split_size)`` tasks, each a byte range of whole lines:
     range ``k`` starts at the first line start at or after ``k * size / n``
     (a line longer than a range stays whole, in the range where it starts; a
-    target inside it is skipped). A Parquet file larger than ``split_size``
-    with several row groups becomes runs of consecutive row groups of about
-    ``size / n`` compressed bytes each. ``.gz`` and ``.zst`` files stay one task
-    each: a gzip member cannot be entered in the middle, and zstd frames are not
-    split (yet; see docs/engines.md).
+    target inside it is skipped). A ``.zst`` JSONL file larger than
+    ``split_size`` made of several independent frames (``pzstd``, seekable-zstd
+    writers, concatenated ``.zst`` files) is cut the same way over its
+    decompressed bytes, at frame starts: range ``k`` starts at the first line
+    start at or after the first decompressed byte of the first frame that starts
+    at or after ``k * size / n`` compressed bytes, and its task decodes from that
+    frame on (a line may span frames: it belongs to the range it starts in). A
+    single-frame ``.zst`` file stays one task (a frame cannot be entered in the
+    middle), and so does every ``.gz`` file (nor can a gzip member). A Parquet
+    file larger than ``split_size`` with several row groups becomes runs of
+    consecutive row groups of about ``size / n`` compressed bytes each.
 
 Row identity does not depend on splitting
     A task's rows keep the unsplit file's row keys (``stage.ROW_KEY`` =
@@ -26,15 +32,22 @@ The planning pass (what it costs)
     ``bytes.find``/``count`` of newlines and ``xxh3_128`` of the whole file
     (plus an ``xxh3_64`` of each range), several GB/s on a local disk, so the
     file is read twice in all (on an object store: downloaded twice; an
-    unsplit file is still read once). A Parquet file is read once more to hash
-    it (as an unsplit local Parquet file already was). The plan is saved in
+    unsplit file is still read once). A zstd file is first walked frame header
+    by block header (no decompression; a single-frame file ends there, one read
+    of it at most), and a multi-frame one is then read and decompressed once
+    whole, to count the newlines before every range: the decompression of one
+    unsplit read, without the parsing. A Parquet file's plan reads its footer
+    and hashes the whole file once; each piece then fetches only the footer and
+    the column chunks of its own row groups (``storage.open_ranges``: no
+    read-ahead into other pieces' bytes). The plan is saved in
     ``_work/run.json``; a resume whose inputs are unchanged uses it and reads
     nothing again.
 
 A file that changes after planning
     Each piece checks the file's size and mtime against the plan before and
-    after it reads, and a JSONL piece hashes its bytes against the plan's range
-    hash: any difference raises ``inputs.InputChangedDuringRun``.
+    after it reads, and a JSONL piece hashes its bytes (a zstd piece: its
+    decompressed bytes) against the plan's range hash: any difference raises
+    ``inputs.InputChangedDuringRun``.
 
 Per-file bookkeeping
     A piece reports its counts, status and rejects like a file; ``merge_files``
@@ -48,77 +61,213 @@ Per-file bookkeeping
 from __future__ import annotations
 
 import math
+from collections import deque
+from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any
 
 import pyarrow.parquet as pq
 import xxhash
+import zstandard
 
 from gristmill.pipeline import storage
+from gristmill.pipeline.decompress import compression_of, zstd_data_frames
 from gristmill.pipeline.inputs import InputChangedDuringRun, hash_file
 from gristmill.pipeline.readers import InputTask
 
 PLAN_CHUNK = 8 << 20  # bytes read at a time by the planning pass
-COMPRESSED = (".gz", ".zst")
+PLAN_FEED = 1 << 20  # compressed bytes decompressed at a time by the planning pass
 HASH_NAME = "xxh3_128"
 RANGE_HASH = "range_xxh3_64"
 
 
 def splittable(task: InputTask) -> bool:
-    """Whether a file can be split at all: uncompressed JSONL, or Parquet."""
+    """Whether a file can be split at all: JSONL, uncompressed or zstd (by frames,
+    where it has several), or Parquet; never gzip."""
     if task.format == "jsonl":
-        return not task.path.lower().endswith(COMPRESSED)
+        return compression_of(task.path) != "gz"
     return task.format == "parquet"
+
+
+class LineCuts:
+    """The JSONL byte-range rule over a byte stream fed in order.
+
+    Range ``k`` starts at the first line start at or after target ``k`` (a line
+    longer than a range stays whole, in the range where it starts: a target inside
+    it is skipped). For every range: ``[start, end, first_line, xxh3_64]``, where
+    ``first_line`` is the 1-based number of its first line (1 + the newlines before
+    it), as the reader counts. Targets come in increasing order, all up front (a
+    plain file) or while the stream is fed (a zstd file: a frame start's
+    decompressed offset, never behind the bytes already fed).
+    """
+
+    def __init__(self, targets: Iterable[int] = ()) -> None:
+        self.targets = deque(targets)
+        self.ranges: list[list[Any]] = []
+        self.start = self.pos = self.lines = 0
+        self.first_line = 1
+        self.last = b""  # the last byte fed
+        self.piece = xxhash.xxh3_64()
+
+    def add_target(self, target: int) -> None:
+        if target < self.pos:
+            raise ValueError(f"target {target} is behind the {self.pos} bytes fed")
+        if target == self.pos and self.last == b"\n":
+            if target > self.start:
+                self._cut(target)  # a line ended right before the target
+        else:
+            self.targets.append(target)
+
+    def _cut(self, at: int) -> None:
+        self.ranges.append([self.start, at, self.first_line, self.piece.hexdigest()])
+        self.start, self.first_line, self.lines = at, self.first_line + self.lines, 0
+        self.piece.reset()
+
+    def feed(self, chunk: bytes) -> None:
+        view = memoryview(chunk)
+        off = 0
+        while self.targets:
+            target = self.targets[0]
+            if target <= self.start:  # inside a long line an earlier cut skipped
+                self.targets.popleft()
+                continue
+            lo = max(target - 1 - self.pos, off)
+            if lo >= len(chunk):
+                break
+            nl = chunk.find(b"\n", lo)
+            if nl < 0:
+                break
+            self.lines += chunk.count(b"\n", off, nl + 1)
+            self.piece.update(view[off:nl + 1])
+            off = nl + 1
+            self._cut(self.pos + off)
+            self.targets.popleft()
+        self.lines += chunk.count(b"\n", off)
+        self.piece.update(view[off:])
+        self.pos += len(chunk)
+        if chunk:
+            self.last = chunk[-1:]
+
+    def finish(self) -> list[list[Any]]:
+        """The ranges, the last one ending at the end of the stream (a cut at the
+        very end makes no empty range)."""
+        self.ranges.append([self.start, self.pos, self.first_line, self.piece.hexdigest()])
+        if len(self.ranges) > 1 and self.start == self.pos:
+            self.ranges.pop()
+        return self.ranges
+
+
+def _stable(path: str, before: dict[str, int], read: int) -> None:
+    after = storage.stat(path)
+    if after != before or read != before["size"]:
+        raise InputChangedDuringRun(
+            f"input {path} changed while the run planned its split (size {before['size']} -> "
+            f"{after['size']} bytes, {read} read); rerun when the input is stable")
 
 
 def plan_jsonl(path: str, split_size: int) -> dict[str, Any]:
     """Read ``path`` once: its ``xxh3_128`` and its ranges of whole lines.
 
     Returns ``{"size", "mtime_ns", "xxh3_128", "ranges": [[start, end,
-    first_line, range_xxh3_64], ...]}``; ``first_line`` is the 1-based number of
-    the range's first line (1 + the newlines before it), as the reader counts.
+    first_line, range_xxh3_64], ...]}`` (``LineCuts``); range ``k`` starts at the
+    first line start at or after ``k * size / n``.
     """
     before = storage.stat(path)
     size = before["size"]
     n = max(1, math.ceil(size / split_size))
-    targets = [k * size // n for k in range(1, n)]
-    whole, piece = xxhash.xxh3_128(), xxhash.xxh3_64()
-    ranges: list[list[Any]] = []
-    start, first_line, lines, pos, ti = 0, 1, 0, 0, 0
+    cuts = LineCuts(k * size // n for k in range(1, n))
+    whole = xxhash.xxh3_128()
     with storage.open_read(path) as f:
         while chunk := f.read(PLAN_CHUNK):
             whole.update(chunk)
-            view = memoryview(chunk)
-            off = 0
-            while ti < len(targets):
-                if targets[ti] <= start:  # inside a long line an earlier cut skipped
-                    ti += 1
-                    continue
-                lo = max(targets[ti] - 1 - pos, off)
-                if lo >= len(chunk):
-                    break
-                nl = chunk.find(b"\n", lo)
-                if nl < 0:
-                    break
-                lines += chunk.count(b"\n", off, nl + 1)
-                piece.update(view[off:nl + 1])
-                off = nl + 1
-                cut = pos + off
-                if cut < size:
-                    ranges.append([start, cut, first_line, piece.hexdigest()])
-                    start, first_line, lines = cut, first_line + lines, 0
-                    piece.reset()
-                ti += 1
-            lines += chunk.count(b"\n", off)
-            piece.update(view[off:])
-            pos += len(chunk)
-    ranges.append([start, pos, first_line, piece.hexdigest()])
-    after = storage.stat(path)
-    if after != before or pos != size:
-        raise InputChangedDuringRun(
-            f"input {path} changed while the run planned its split (size {size} -> "
-            f"{after['size']} bytes, {pos} read); rerun when the input is stable")
-    return {**before, HASH_NAME: whole.hexdigest(), "ranges": ranges}
+            cuts.feed(chunk)
+    _stable(path, before, cuts.pos)
+    return {**before, HASH_NAME: whole.hexdigest(), "ranges": cuts.finish()}
+
+
+def plan_zstd(path: str, split_size: int) -> dict[str, Any]:
+    """Ranges of whole lines of a multi-frame zstd file, each starting in its own
+    frame: the JSONL rule (``LineCuts``) over the decompressed bytes, with targets at
+    frame starts.
+
+    Range ``k`` is cut at the first frame that starts at or after ``k * size / n``
+    compressed bytes, and starts at the first line start at or after that frame's
+    first decompressed byte (records may span frames: a range owns every line that
+    starts in it). A range records where decoding starts: the compressed offset of
+    the last frame starting at or before its first byte, and that frame's
+    decompressed offset. Returns ``{"size", "mtime_ns", "xxh3_128", "ranges":
+    [[start, end, first_line, range_xxh3_64, frame_offset, frame_base], ...]}``, with
+    ``start``/``end`` in decompressed bytes and the hash over them; no ranges when the
+    file has fewer than two data frames, or is truncated or corrupt (one task: the
+    reader reports the fault as for any file).
+
+    Cost: first the frame headers are walked (``decompress.zstd_data_frames``; it
+    stops at the second data frame, so on a single-frame file it walks every block
+    header). Then, only for several frames, one read of the file that hashes it and
+    decompresses all of it, counting newlines (line numbers need every byte before a
+    range): the work of one unsplit read without parsing, on the driver, before the
+    tasks run.
+    """
+    before = storage.stat(path)
+    size = before["size"]
+    if zstd_data_frames(path, stop_at=2) < 2:
+        return {**before, "ranges": []}
+    n = max(1, math.ceil(size / split_size))
+    targets = deque(k * size // n for k in range(1, n))
+    cuts = LineCuts()
+    whole = xxhash.xxh3_128()
+    frame = (0, 0)  # (compressed, decompressed) offset of the frame being decoded
+    starts = [frame]  # where decoding of each range starts
+    moving: list[int] = []  # ranges whose start may yet fall in a later frame
+    last_target = 0
+    dec, read, consumed = None, 0, 0
+
+    def new_ranges() -> None:
+        while len(starts) <= len(cuts.ranges):
+            starts.append(frame)
+            moving.append(len(starts) - 1)
+
+    with storage.open_read(path) as f:
+        while chunk := f.read(PLAN_CHUNK):
+            whole.update(chunk)
+            read += len(chunk)
+            for at in range(0, len(chunk), PLAN_FEED):
+                data = chunk[at:at + PLAN_FEED]
+                while data:
+                    if dec is None:  # a frame starts here
+                        frame = (consumed, cuts.pos)
+                        # a range whose first byte is this frame's first byte starts
+                        # decoding here, not in the frame before (that one is over)
+                        moving = [j for j in moving if cuts.ranges[j - 1][1] == cuts.pos]
+                        for j in moving:
+                            starts[j] = frame
+                        if targets and consumed >= targets[0]:
+                            while targets and consumed >= targets[0]:
+                                targets.popleft()
+                            if cuts.pos > last_target:
+                                last_target = cuts.pos
+                                cuts.add_target(cuts.pos)
+                                new_ranges()
+                        dec = zstandard.ZstdDecompressor().decompressobj()
+                    try:
+                        out = dec.decompress(data)
+                    except zstandard.ZstdError:
+                        return {**before, "ranges": []}  # corrupt: read as one task
+                    cuts.feed(out)
+                    new_ranges()
+                    if dec.eof:
+                        consumed += len(data) - len(dec.unused_data)
+                        data, dec = dec.unused_data, None
+                    else:
+                        consumed += len(data)
+                        data = b""
+    _stable(path, before, read)
+    if dec is not None:
+        return {**before, "ranges": []}  # ends inside a frame: read as one task
+    ranges = cuts.finish()
+    return {**before, HASH_NAME: whole.hexdigest(),
+            "ranges": [r + list(start) for r, start in
+                       zip(ranges, starts[:len(ranges)], strict=True)]}
 
 
 def plan_parquet(path: str, split_size: int) -> dict[str, Any]:
@@ -129,7 +278,7 @@ def plan_parquet(path: str, split_size: int) -> dict[str, Any]:
     first_row], ...]}``.
     """
     before = storage.stat(path)
-    with storage.open_read(path) as f:
+    with storage.open_ranges(path) as f:  # the footer only
         md = pq.ParquetFile(f).metadata
     sizes = []
     for i in range(md.num_row_groups):
@@ -169,7 +318,9 @@ def plan_splits(files: list[InputTask], split_size: int | None) -> dict[str, dic
     for f in files:
         if f.size <= split_size or not splittable(f):
             continue
-        plan = (plan_jsonl if f.format == "jsonl" else plan_parquet)(f.path, split_size)
+        planner = plan_parquet if f.format == "parquet" else \
+            plan_zstd if compression_of(f.path) == "zst" else plan_jsonl
+        plan = planner(f.path, split_size)
         if len(plan.get("ranges") or plan.get("pieces") or []) > 1:
             plans[f.path] = plan
     return plans
@@ -187,10 +338,16 @@ def split_tasks(files: list[InputTask], plans: dict[str, dict[str, Any]]) -> lis
         stamp = {k: plan[k] for k in ("size", "mtime_ns", HASH_NAME)}
         if f.format == "jsonl":
             parts = plan["ranges"]
-            for k, (start, end, first_line, digest) in enumerate(parts):
+            # a zstd range: decoding starts at compressed byte ``frame_offset``; its
+            # size is its frames' compressed bytes (the pieces' sizes sum to the file's)
+            offsets = [r[4] for r in parts[1:]] + [plan["size"]] if len(parts[0]) > 4 else []
+            for k, (start, end, first_line, digest, *frame) in enumerate(parts):
+                frame_offset, frame_base = frame or (-1, 0)
+                size = offsets[k] - frame_offset if frame else end - start
                 tasks.append(replace(f, index=len(tasks), file_index=f.index, part=k,
                                      parts=len(parts), start=start, end=end,
-                                     first_line=first_line, size=end - start,
+                                     first_line=first_line, frame_offset=frame_offset,
+                                     frame_base=frame_base, size=size,
                                      planned={**stamp, RANGE_HASH: digest}))
         else:
             parts = plan["pieces"]

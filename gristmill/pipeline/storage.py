@@ -177,6 +177,17 @@ def open_read(path: Path) -> IO[bytes]:
     return open(path, "rb")  # noqa: SIM115 (the caller closes it)
 
 
+def open_ranges(path: Path) -> IO[bytes]:
+    """``open_read`` for a reader that reads some ranges of a file (the footer and row
+    groups of a piece of a Parquet file): on an object store each read fetches the bytes
+    it asks for and no more (``open_read`` reads ahead ``READ_BLOCK`` bytes)."""
+    path = as_path(path)
+    if is_remote(path):
+        fs, key = _fs(path)
+        return fs.open(key, "rb", block_size=READ_BLOCK, cache_type="none")
+    return open(path, "rb")  # noqa: SIM115 (the caller closes it)
+
+
 def read_bytes(path: Path) -> bytes:
     with open_read(path) as f:
         return f.read()
