@@ -79,12 +79,35 @@ def capacity_for(epsilon: float, delta: float) -> int:
 
 
 def _sorted_merge(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The sorted union of two arrays sorted by ``(k, t)``: each item of ``b`` goes
+    after the items of ``a`` at or before it (searchsorted, linear-time placement;
+    a sort only when many distinct keys are shared)."""
     if a.size == 0:
         return b
     if b.size == 0:
         return a
-    m = np.concatenate([a, b])
-    return m[np.lexsort((m["t"], m["k"]))]
+    lo = np.searchsorted(a["k"], b["k"], "left")
+    hi = np.searchsorted(a["k"], b["k"], "right")
+    # a score once in ``a`` (the same record at two levels, mostly): one comparison
+    pos = lo + ((hi - lo == 1) & (a["t"][np.minimum(lo, a.size - 1)] <= b["t"]))
+    shared = np.flatnonzero(hi - lo > 1)  # tied scores: order by the tie hash
+    if shared.size:
+        groups = np.unique(lo[shared])
+        if groups.size > 64:
+            m = np.concatenate([a, b])
+            return m[np.lexsort((m["t"], m["k"]))]
+        for g in groups:
+            sel = shared[lo[shared] == g]
+            pos[sel] = g + np.searchsorted(a["t"][g:hi[sel[0]]], b["t"][sel], "right")
+    at_b = pos + np.arange(b.size)
+    at_a = np.arange(a.size) + np.searchsorted(at_b - np.arange(b.size), np.arange(a.size),
+                                               "right")
+    out = np.empty(a.size + b.size, dtype=a.dtype)
+    for f in ("k", "t"):  # field by field: a structured fancy assignment is slow
+        col = np.empty(out.size, dtype=np.uint64)
+        col[at_b], col[at_a] = b[f], a[f]
+        out[f] = col
+    return out
 
 
 class WeightedKLL:
