@@ -9,17 +9,26 @@ Parquet shards) three times, each in its own child process, in one run:
 - ``split w1``: ``split_size`` (default 256MB), ``workers: 1``;
 - ``split w2``: the same with ``workers: 2``.
 
+With ``--zstd`` the input is the same ``--gb`` GB of JSONL written as one
+multi-frame ``.jsonl.zst`` (a frame per ``--frame-mib`` MiB of JSONL, cut at that
+byte whatever it falls on, so records span frames; zstd level 3), split at frame
+boundaries; ``split_size`` then counts compressed bytes, and by default is a
+quarter of the compressed file (4 tasks, as the 1 GB JSONL file gets at 256MB).
+``--no-split-w1`` leaves out the middle arm.
+
 For each it prints wall time, CPU time (user + system of the child and all its
 workers), CPU utilisation (CPU s / wall s: 2.0 means two cores busy all the
-time), docs/s and MB/s, the speedup of ``split w2`` over both ``w1`` arms, and
-whether ``split w1`` and ``split w2`` wrote the same shard bytes. "Tasks in
-flight" is the tasks' stage wall time summed over tasks, over the run's wall
-time: 2 means two tasks ran at once all along (busy or waiting for a CPU). The
-planning pass (one read of the file: newlines and hashes) is timed on its own
-too. The box is shared, so the load average before and after is printed beside
-them, and whether the kernel shares CPU time out per session (autogroup).
+time), docs/s and MB/s (of JSONL), the speedup of ``split w2`` over the ``w1``
+arms, and whether ``split w1`` and ``split w2`` wrote the same shard bytes.
+"Tasks in flight" is the tasks' stage wall time summed over tasks, over the run's
+wall time: 2 means two tasks ran at once all along (busy or waiting for a CPU).
+The planning pass (JSONL: one read of the file, newlines and hashes; zstd: the
+frame-header walk, then one read and decompression of the whole file) is timed on
+its own too. The box is shared, so the load average before and after is printed
+beside them, and whether the kernel shares CPU time out per session (autogroup).
 
     python benchmarks/bench_split.py --gb 1.0
+    python benchmarks/bench_split.py --zstd --gb 4.0 --no-split-w1   # ~1 GB .jsonl.zst
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ import time
 from pathlib import Path
 
 import yaml
+import zstandard
 from bench_io import jsonl_block  # same records as the I/O benchmark's
 
 WORK = Path(__file__).parent / "_work" / "split"
@@ -58,6 +68,35 @@ def generate(path: Path, total_bytes: int) -> tuple[int, int]:
             written += len(blob)
     marker.write_text(f"{written} {docs}")
     return written, docs
+
+
+def generate_zstd(path: Path, total_bytes: int, frame_bytes: int) -> tuple[int, int, int]:
+    """The records of ``generate`` (same generator and seed), ~``total_bytes`` of JSONL,
+    as independent zstd frames of ``frame_bytes`` of JSONL each; returns (JSONL bytes,
+    records, frames)."""
+    marker = path.with_name(f".done-{path.name}-{total_bytes}-{frame_bytes}")
+    if marker.exists():
+        return tuple(map(int, marker.read_text().split()))  # type: ignore[return-value]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(0)
+    cctx = zstandard.ZstdCompressor(level=3)
+    written = docs = frames = 0
+    pending = bytearray()
+    with open(path, "wb") as fh:
+        while written < total_bytes:
+            blob = jsonl_block(rng, "d", docs)
+            docs += 1000
+            written += len(blob)
+            pending += blob
+            while len(pending) >= frame_bytes:
+                fh.write(cctx.compress(bytes(pending[:frame_bytes])))
+                del pending[:frame_bytes]
+                frames += 1
+        if pending:
+            fh.write(cctx.compress(bytes(pending)))
+            frames += 1
+    marker.write_text(f"{written} {docs} {frames}")
+    return written, docs, frames
 
 
 def run_arm(name: str, data: Path, split: int | None, workers: int) -> dict:
@@ -89,36 +128,57 @@ def run_arm(name: str, data: Path, split: int | None, workers: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--gb", type=float, default=1.0, help="size of the JSONL file")
-    ap.add_argument("--split", default="256MB", help="engine.split_size of the split arms")
+    ap.add_argument("--gb", type=float, default=1.0, help="size of the JSONL (uncompressed)")
+    ap.add_argument("--split", default=None,
+                    help="engine.split_size of the split arms (default: 256MB; --zstd: a "
+                         "quarter of the compressed file)")
+    ap.add_argument("--zstd", action="store_true", help="one multi-frame .jsonl.zst file")
+    ap.add_argument("--frame-mib", type=int, default=16, help="MiB of JSONL per zstd frame")
+    ap.add_argument("--no-split-w1", action="store_true", help="leave out the split w1 arm")
     args = ap.parse_args()
     from gristmill.pipeline.recipe import parse_size
-    from gristmill.pipeline.splits import plan_jsonl
+    from gristmill.pipeline.splits import plan_jsonl, plan_zstd
 
-    split = parse_size(args.split)
-    data = WORK / "big.jsonl"
-    size, docs = generate(data, int(args.gb * 1e9))
-    print(f"input: {data} ({size / 1e6:,.0f} MB, {docs:,} records); {os.cpu_count()} CPUs; "
-          f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    if args.zstd:
+        data = WORK / "big.jsonl.zst"
+        size, docs, frames = generate_zstd(data, int(args.gb * 1e9), args.frame_mib << 20)
+        what = (f"{size / 1e6:,.0f} MB of JSONL as {data.stat().st_size / 1e6:,.0f} MB of zstd "
+                f"in {frames} frames")
+    else:
+        data = WORK / "big.jsonl"
+        size, docs = generate(data, int(args.gb * 1e9))
+        what = f"{size / 1e6:,.0f} MB"
+    on_disk = data.stat().st_size
+    load_before = os.getloadavg()
+    split = parse_size(args.split) if args.split else \
+        (-(-on_disk // 4) if args.zstd else parse_size("256MB"))
+    print(f"input: {data} ({what}, {docs:,} records); {os.cpu_count()} CPUs; "
+          f"load average before: {' '.join(f'{x:.2f}' for x in load_before)}")
     t0, c0 = time.perf_counter(), time.process_time()
-    plan = plan_jsonl(str(data), split)
+    plan = (plan_zstd if args.zstd else plan_jsonl)(str(data), split)
     pw, pc = time.perf_counter() - t0, time.process_time() - c0
-    print(f"planning pass: {len(plan['ranges'])} ranges of <= {args.split}, {pw:.2f} s wall, "
-          f"{pc:.2f} s CPU ({size / pw / 1e9:.2f} GB/s)")
-    arms = [run_arm("unsplit w1", data, None, 1), run_arm("split w1", data, split, 1),
-            run_arm("split w2", data, split, 2)]
+    print(f"planning pass: {len(plan['ranges'])} ranges of <= {split / 1e6:,.1f} MB on disk, "
+          f"{pw:.2f} s wall, {pc:.2f} s CPU ({on_disk / pw / 1e9:.2f} GB/s of the file, "
+          f"{size / pw / 1e9:.2f} GB/s of JSONL)")
+    arms = [run_arm("unsplit w1", data, None, 1)]
+    if not args.no_split_w1:
+        arms.append(run_arm("split w1", data, split, 1))
+    arms.append(run_arm("split w2", data, split, 2))
     print("\n| arm | wall s | CPU s | CPU/wall | tasks in flight | docs/s | MB/s |\n"
           "|---|---|---|---|---|---|---|")
     for a in arms:
         print(f"| {a['name']} | {a['wall']:.1f} | {a['cpu']:.1f} | {a['cpu'] / a['wall']:.2f} | "
               f"{a['in_flight']:.2f} | {a['docs'] / a['wall']:,.0f} | "
               f"{size / a['wall'] / 1e6:.1f} |")
-    w2 = arms[2]["wall"]
-    print(f"\nspeedup of split w2: {arms[0]['wall'] / w2:.2f}x over unsplit w1, "
-          f"{arms[1]['wall'] / w2:.2f}x over split w1")
-    print(f"split w1 and split w2 wrote the same shards: {arms[1]['shards'] == arms[2]['shards']}"
-          f" ({len(arms[2]['shards'])} shards); every arm read {arms[0]['docs']:,} records: "
-          f"{len({a['docs'] for a in arms}) == 1}")
+    w2 = arms[-1]["wall"]
+    print("\nspeedup of split w2: " + ", ".join(
+        f"{a['wall'] / w2:.2f}x over {a['name']}" for a in arms[:-1]))
+    if not args.no_split_w1:
+        print(f"split w1 and split w2 wrote the same shards: "
+              f"{arms[1]['shards'] == arms[2]['shards']} ({len(arms[2]['shards'])} shards)")
+    print(f"every arm read {arms[0]['docs']:,} records: {len({a['docs'] for a in arms}) == 1}; "
+          f"split w2 wrote {len(arms[-1]['shards'])} shards, unsplit w1 "
+          f"{len(arms[0]['shards'])}")
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     autogroup = Path("/proc/sys/kernel/sched_autogroup_enabled")
     if autogroup.exists():
