@@ -152,7 +152,9 @@ def main() -> None:
           f"{(s['rss_peak'] - s['rss_before']) / max(e['rss_peak'] - e['rss_before'], 1e-9):.3f}x), "
           f"spill CPU {s['spill_cpu'] / e['spill_cpu']:.3f}x, bytes "
           f"{s['bytes'] / e['bytes']:.5f}x; |error| sketch {abs(s['error']):.2e} "
-          f"(bound {s['bound']:.2e}) vs exact {abs(e['error']):.2e}; load average {loadavg()}")
+          f"(bound {s['bound']:.2e}) vs exact {abs(e['error']):.2e}, sketch - exact kept "
+          f"{s['kept_fraction'] - e['kept_fraction']:+.2e} of the weight; "
+          f"load average {loadavg()}")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from conftest import make_text, write_jsonl
 import gristmill.selectors.top_fraction as tf
 from gristmill.pipeline.recipe import RecipeError, parse_recipe
 from gristmill.pipeline.runner import run_recipe
-from gristmill.pipeline.stage import merge_all
+from gristmill.pipeline.stage import RowStage, StageParams, keep_all, merge_all
 from gristmill.selectors.quantile_sketch import WeightedKLL, capacity_for
 from gristmill.selectors.top_fraction import TopFraction, spill_records
 
@@ -262,3 +262,42 @@ def test_a_recipe_with_a_sketch_parameter_on_the_exact_method_is_refused(sketch_
             "output": {"path": str(tmp_path / "o")}}
     with pytest.raises(RecipeError, match="delta applies to method: sketch"):
         parse_recipe(body)
+
+
+class FailWhileMarked(RowStage):
+    """Fails on file 3's rows while the file ``marker`` exists: a run killed
+    after tasks 0-2 spilled their sketches."""
+
+    type_name = "fail_while_marked"
+
+    class Params(StageParams):
+        marker: str
+
+    def process(self, batch: pa.Table):
+        if Path(self.params.marker).exists() and \
+                any(i.startswith("3-") for i in batch.column("id").to_pylist()):
+            raise RuntimeError("killed (test)")
+        return keep_all(batch)
+
+
+def test_a_resumed_sketch_run_makes_the_uninterrupted_cut(sketch_corpus, tmp_path):
+    marker = tmp_path / "fail"
+    body = {"name": "resume", "seed": 6, "sources": [{"path": str(sketch_corpus)}],
+            "stages": [{"stage": "text_stats"},
+                       {"stage": f"{__name__}:FailWhileMarked", "name": "fail", "marker": str(marker)},
+                       {"stage": "top_fraction", "column": "text_stats_words", "fraction": 0.4,
+                        "method": "sketch", "epsilon": 0.3}],
+            "output": {"path": str(tmp_path / "out"), "shard_size": "16KB"},
+            "engine": {"batch_size": 32, "workers": 1}}
+    reference = run_recipe(parse_recipe({**body, "output": {
+        "path": str(tmp_path / "ref"), "shard_size": "16KB"}}), progress=False, report=False)
+    marker.touch()
+    with pytest.raises(RuntimeError, match="killed"):
+        run_recipe(parse_recipe(body), progress=False, report=False)
+    work = tmp_path / "out" / "_work" / "seg00"
+    assert sorted(p.parent.name for p in work.glob("task-*/summary.spill")) == \
+        ["task-00000", "task-00001", "task-00002"]
+    marker.unlink()
+    resumed = run_recipe(parse_recipe(body), progress=False, report=False)
+    assert resumed["selections"] == reference["selections"]
+    assert [s["sha256"] for s in resumed["shards"]] == [s["sha256"] for s in reference["shards"]]
