@@ -277,3 +277,21 @@ def test_resume_after_kill_of_a_split_zstd_run_uses_the_saved_plan(zstd_corpus, 
     assert [(s["rows"], s["sha256"]) for s in resumed["shards"]] == \
         [(s["rows"], s["sha256"]) for s in reference["shards"]]
     assert _content(tmp_path / "killed", resumed) == _content(tmp_path / "ref", reference)
+
+
+def test_a_first_frame_longer_than_the_walk_limit_keeps_the_file_one_task(tmp_path, monkeypatch):
+    """The frame walk looks for a second frame no further than max(split_size, ZSTD_WALK)
+    compressed bytes (on an object store that bounds what a single-frame file costs)."""
+    from gristmill.pipeline import splits
+
+    rng = random.Random(1)
+    body = "".join(json.dumps({"text": make_text(rng, 20)}) + "\n" for _ in range(300)).encode()
+    path = tmp_path / "two.jsonl.zst"
+    path.write_bytes(frames_at(body, [len(body) // 2]))
+    first = len(CCTX.compress(body[:len(body) // 2]))
+    assert zstd_data_frames(str(path), 2) == 2
+    assert zstd_data_frames(str(path), 2, limit=first - 1) == 1
+    monkeypatch.setattr(splits, "ZSTD_WALK", first - 1)
+    assert plan_splits([_task(path)], 64) == {}
+    monkeypatch.setattr(splits, "ZSTD_WALK", first)
+    assert len(plan_splits([_task(path)], 64)[str(path)]["ranges"]) == 2

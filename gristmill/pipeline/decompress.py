@@ -247,22 +247,25 @@ def is_skippable(head: bytes) -> bool:
         SKIPPABLE_MAGIC
 
 
-def zstd_data_frames(path: str, stop_at: int) -> int:
+def zstd_data_frames(path: str, stop_at: int, limit: int | None = None) -> int:
     """How many data frames (skippable ones not counted) a zstd file holds, counting
-    no further than ``stop_at``; -1 when a header is not zstd or the file ends inside
-    a frame.
+    no further than ``stop_at`` frame starts and looking no further than compressed
+    byte ``limit``; -1 when a header is not zstd or the file ends inside a frame
+    (found only where the walk got to).
 
     Reads headers only, no decompression: a frame's header, then the 3-byte header of
     each of its blocks (RFC 8878 section 3.1.1.2: last-block bit, type, size), seeking
     over the blocks' bytes. Local files: a few bytes per block of at most 128 KiB; on
     an object store the seeks are served by ranged reads of ``storage.READ_BLOCK``, so
-    walking a whole single-frame object downloads it once.
+    the walk downloads what it walks over.
     """
     frames = 0
     with storage.open_read(path) as f:
         end = f.seek(0, io.SEEK_END)
         pos = 0
         while frames < stop_at:
+            if limit is not None and pos > limit:
+                return frames
             f.seek(pos)
             head = f.read(18)  # the longest frame header
             if not head:
@@ -278,6 +281,9 @@ def zstd_data_frames(path: str, stop_at: int) -> int:
                 pos += zstandard.frame_header_size(head)
             except zstandard.ZstdError:
                 return -1
+            frames += 1
+            if frames >= stop_at:
+                return frames
             checksum = head[4] & 0x04
             while True:
                 f.seek(pos)
@@ -294,5 +300,4 @@ def zstd_data_frames(path: str, stop_at: int) -> int:
             pos += 4 if checksum else 0
             if pos > end:
                 return -1
-            frames += 1
     return frames

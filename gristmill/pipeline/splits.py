@@ -33,10 +33,11 @@ The planning pass (what it costs)
     (plus an ``xxh3_64`` of each range), several GB/s on a local disk, so the
     file is read twice in all (on an object store: downloaded twice; an
     unsplit file is still read once). A zstd file is first walked frame header
-    by block header (no decompression; a single-frame file ends there, one read
-    of it at most), and a multi-frame one is then read and decompressed once
-    whole, to count the newlines before every range: the decompression of one
-    unsplit read, without the parsing. A Parquet file's plan reads its footer
+    by block header (no decompression, at most ``max(split_size, 64 MiB)``
+    bytes: a single-frame file ends there), and a multi-frame one is then read
+    and decompressed once whole, to count the newlines before every range: the
+    decompression of one unsplit read, without the parsing. A Parquet file's
+    plan reads its footer
     and hashes the whole file once; each piece then fetches only the footer and
     the column chunks of its own row groups (``storage.open_ranges``: no
     read-ahead into other pieces' bytes). The plan is saved in
@@ -77,6 +78,9 @@ from gristmill.pipeline.readers import InputTask
 
 PLAN_CHUNK = 8 << 20  # bytes read at a time by the planning pass
 PLAN_FEED = 1 << 20  # compressed bytes decompressed at a time by the planning pass
+#: a zstd file whose second data frame does not start within max(split_size, this)
+#: compressed bytes is one task: the frame walk that finds out reads no further
+ZSTD_WALK = 64 << 20
 HASH_NAME = "xxh3_128"
 RANGE_HASH = "range_xxh3_64"
 
@@ -201,16 +205,19 @@ def plan_zstd(path: str, split_size: int) -> dict[str, Any]:
     file has fewer than two data frames, or is truncated or corrupt (one task: the
     reader reports the fault as for any file).
 
-    Cost: first the frame headers are walked (``decompress.zstd_data_frames``; it
-    stops at the second data frame, so on a single-frame file it walks every block
-    header). Then, only for several frames, one read of the file that hashes it and
-    decompresses all of it, counting newlines (line numbers need every byte before a
-    range): the work of one unsplit read without parsing, on the driver, before the
-    tasks run.
+    Cost: first the frame headers are walked (``decompress.zstd_data_frames``, no
+    decompression) up to the second data frame, looking no further than
+    ``max(split_size, ZSTD_WALK)`` compressed bytes: a file whose first frame is
+    longer (a single-frame file, what the ``zstd`` command writes) is one task, found
+    out for a few bytes per block of a local file, or at most that many bytes of an
+    object's download. Then, only for several frames, one read of the file that
+    hashes it and decompresses all of it, counting newlines (line numbers need every
+    byte before a range): the work of one unsplit read without the parsing, on the
+    driver, before the tasks run.
     """
     before = storage.stat(path)
     size = before["size"]
-    if zstd_data_frames(path, stop_at=2) < 2:
+    if zstd_data_frames(path, stop_at=2, limit=max(split_size, ZSTD_WALK)) < 2:
         return {**before, "ranges": []}
     n = max(1, math.ceil(size / split_size))
     targets = deque(k * size // n for k in range(1, n))
