@@ -136,9 +136,11 @@ class EngineSpec(_Model):
     beam_options: dict[str, Any] = Field(default_factory=dict)
     split_size: int | str | None = Field(
         "256MB", validate_default=True,
-        description="an uncompressed JSONL or a Parquet file larger than this is read by "
-                    "several tasks (line-aligned byte ranges, runs of row groups); null or 0: "
-                    "one task per file (see gristmill.pipeline.splits)")
+        description="a JSONL file (uncompressed, or .zst of several frames) or a Parquet "
+                    "file larger than this is read by several tasks (line-aligned byte "
+                    "ranges, starting in a frame of their own for zstd; runs of row "
+                    "groups); .gz never; null or 0: one task per file (see "
+                    "gristmill.pipeline.splits)")
 
     @field_validator("split_size")
     @classmethod
