@@ -292,3 +292,48 @@ def test_local_folder_and_glob_pins_notice_content_not_mtime(tmp_path):
     assert "was removed" in model_cache.pin_change(pattern, gpin)
     with pytest.raises(ModelChangedDuringRun, match=r"eval_sets\[0\]\.path"):
         model_cache.localize(pattern, gpin)
+
+
+def test_every_model_tokenizer_and_list_field_is_pinned_and_checked_on_setup(tmp_path):
+    from gristmill.pipeline.recipe import parse_recipe
+
+    (tmp_path / "lists").mkdir()
+    (tmp_path / "lists" / "spam.txt").write_text("spam.example\n")
+    (tmp_path / "lists" / "urls.txt").write_text("https://mill.org/a\n")
+    (tmp_path / "evals").mkdir()
+    (tmp_path / "evals" / "qa.jsonl").write_text('{"text": "which river turns the wheel"}\n')
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_text("{}")
+    write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "text": "x", "url": "https://a.b/"}])
+    recipe = parse_recipe({
+        "sources": [{"path": "in.jsonl", "columns": ["url"]}],
+        "stages": [{"stage": "url_filter", "block_domains_files": ["lists/spam.txt"],
+                    "block_urls_files": ["lists/spam.txt", "lists/urls.txt"]},
+                   {"stage": "decontaminate", "name": "decon",
+                    "eval_sets": [{"name": "qa", "path": ["evals/*.jsonl"]}],
+                    "cache_dir": str(tmp_path / "ngrams")}],
+        "output": {"path": "out", "tokenize": {"tokenizer": "tok"}}}, base_dir=tmp_path)
+    pins = model_cache.plan_pins(recipe)
+    assert [(p["stage"], p["field"]) for p in pins] == [
+        ("url_filter", "stages[0].block_domains_files[0]"),
+        ("url_filter", "stages[0].block_urls_files[0]"),
+        ("url_filter", "stages[0].block_urls_files[1]"),
+        ("decon", "stages[1].eval_sets[0].path[0]"),
+        (None, "output.tokenize.tokenizer")]
+    assert pins[3]["path"] == str(tmp_path / "evals" / "*.jsonl")
+    assert model_cache.pin_changes(pins, recipe) == []
+
+    (tmp_path / "tok" / "tokenizer.json").write_text('{"v": 2}')
+    (tmp_path / "lists" / "urls.txt").write_text("https://mill.org/b\n")
+    changes = model_cache.pin_changes(pins, recipe)
+    assert [c.split(" (stage")[0] for c in changes] == [
+        "changed: output.tokenize.tokenizer " + str(tmp_path / "tok") + " (tokenizer.json: size 2 -> 8 bytes)",
+        "changed: stages[0].block_urls_files[1]"]
+    url_filter, decon = recipe.with_pins(pins).build_stages()
+    with pytest.raises(ModelChangedDuringRun, match=r"stages\[0\]\.block_urls_files\[1\] "
+                                                    r"\(stage 'url_filter'\)"):
+        url_filter.setup()
+    decon.setup()  # its eval set did not change
+    (tmp_path / "evals" / "more.jsonl").write_text('{"text": "a new question"}\n')
+    with pytest.raises(ModelChangedDuringRun, match=r"more\.jsonl was added"):
+        decon.setup()
