@@ -62,7 +62,9 @@ Compressed and damaged files
     fault (for gzip exactly up to the bad byte; for zstd up to the last 64 KiB
     of compressed input before it). A Parquet file that fails mid-read keeps
     the batches before the fault (status ``corrupt``, the error says after
-    which row). The manifest's file entry carries status and error.
+    which row). The manifest's file entry carries status and error. A big
+    ``.zst`` file of several frames may be read by several tasks, each decoding
+    from a frame boundary (``splits``); a damaged one is never split.
 
 Row identity: every record gets the pipeline's row key (``stage.ROW_KEY``, a
 uint64 of the input file's index and the line or row number), unique by

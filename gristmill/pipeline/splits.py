@@ -72,12 +72,12 @@ import xxhash
 import zstandard
 
 from gristmill.pipeline import storage
-from gristmill.pipeline.decompress import compression_of, zstd_data_frames
+from gristmill.pipeline.decompress import COMPRESSED_CHUNK, compression_of, zstd_data_frames
 from gristmill.pipeline.inputs import InputChangedDuringRun, hash_file
 from gristmill.pipeline.readers import InputTask
 
 PLAN_CHUNK = 8 << 20  # bytes read at a time by the planning pass
-PLAN_FEED = 1 << 20  # compressed bytes decompressed at a time by the planning pass
+PLAN_FEED = COMPRESSED_CHUNK  # compressed bytes decompressed at a time (as the reader does)
 #: a zstd file whose second data frame does not start within max(split_size, this)
 #: compressed bytes is one task: the frame walk that finds out reads no further
 ZSTD_WALK = 64 << 20
