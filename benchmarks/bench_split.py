@@ -58,6 +58,8 @@ def generate(path: Path, total_bytes: int) -> tuple[int, int]:
         size, docs = map(int, marker.read_text().split())
         return size, docs
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(".done-[0-9]*"):  # another size's file is overwritten
+        stale.unlink()
     rng = random.Random(0)
     written = docs = 0
     with open(path, "wb") as fh:
@@ -78,6 +80,8 @@ def generate_zstd(path: Path, total_bytes: int, frame_bytes: int) -> tuple[int, 
     if marker.exists():
         return tuple(map(int, marker.read_text().split()))  # type: ignore[return-value]
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".done-{path.name}-*"):  # another size's file
+        stale.unlink()
     rng = random.Random(0)
     cctx = zstandard.ZstdCompressor(level=3)
     written = docs = frames = 0
