@@ -11,6 +11,9 @@ import pyarrow as pa
 import pytest
 import yaml
 
+# one moto S3 server and one multi-process Dask cluster per session, started on first use
+from object_store_cluster import bucket, s3_dask_cluster, s3_server  # noqa: F401
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 WORDS = ("river stone mill grain flour wheel water season harvest bread field farmer "

@@ -1,8 +1,9 @@
 """Model and tokenizer paths on object storage (issue 11, item 1): a recipe names a
 fastText model file and a transformers model/tokenizer folder by ``s3://`` URL (moto's
-S3 server on loopback, the fixtures of test_object_storage), the stages load them
-through the per-machine model cache, ``output.tokenize`` writes Megatron shards to an
-``s3://`` output, and everything equals the run with local paths."""
+S3 server on loopback, started once per session by tests/object_store_cluster.py), the
+stages load them through the per-machine model cache, ``output.tokenize`` writes
+Megatron shards to an ``s3://`` output, and everything equals the run with local paths,
+with the local engine and on a Dask cluster whose workers share no folder."""
 
 from __future__ import annotations
 
@@ -14,23 +15,14 @@ import sys
 from pathlib import Path
 
 import pytest
-import test_object_storage
 from conftest import make_text, write_jsonl
+from object_store_cluster import files, new_bucket, upload
 
 from gristmill.pipeline import model_cache, storage
 from gristmill.pipeline.recipe import RecipeError, check_recipe, parse_recipe
 from gristmill.pipeline.runner import run_recipe
 
-bucket = test_object_storage.bucket  # a new bucket on this module's server
-_files, _upload = test_object_storage._files, test_object_storage._upload
-
-
-@pytest.fixture(scope="module")
-def s3_server():
-    """moto's S3 server for this module (test_object_storage's session server may be
-    running too; each module talks to its own)."""
-    with test_object_storage.moto_s3_server() as env:
-        yield env
+TOKENIZED = ["tokenized/tokens.bin", "tokenized/tokens.idx", "tokenized/tokens.dom.npy"]
 
 
 PLAIN = "river stone mill grain flour wheel water".split()
@@ -63,8 +55,9 @@ def models(tmp_path_factory):
     return root
 
 
-def _recipe(root: Path, models: str, out: str, workers: int) -> dict:
-    return {"name": "models", "seed": 3, "sources": [{"path": str(root / "corpus")}],
+def _recipe(corpus: str, models: str, out: str, engine: dict | None = None) -> dict:
+    # a named source: its records' ``source`` is the name, not the (local or s3://) path
+    return {"name": "models", "seed": 3, "sources": [{"path": corpus, "name": "web"}],
             "stages": [{"stage": "fasttext", "name": "preselect", "model": f"{models}/clf.bin",
                         "label": "__label__1"},
                        {"stage": "lm_likelihood", "name": "lm", "model": f"{models}/lm",
@@ -72,50 +65,96 @@ def _recipe(root: Path, models: str, out: str, workers: int) -> dict:
                        {"stage": "top_fraction", "column": "preselect", "fraction": 0.5}],
             "output": {"path": out, "shard_size": "8KB",
                        "tokenize": {"tokenizer": f"{models}/lm"}},
-            "engine": {"kind": "local", "workers": workers, "batch_size": 16}}
+            "engine": engine or {"kind": "local", "workers": 1, "batch_size": 16}}
 
 
-def test_recipe_with_s3_models_and_tokenizer_writes_what_local_paths_write(
-        models, tmp_path, bucket, monkeypatch):
-    monkeypatch.setenv("GRISTMILL_CACHE", str(tmp_path / "cache"))
-    _upload(models / "models", f"s3://{bucket}/models")
-    local = run_recipe(parse_recipe(_recipe(models, str(models / "models"),
-                                            str(tmp_path / "out"), 1)),
-                       progress=False, report=False)
-    remote_out = f"s3://{bucket}/out"
-    remote = run_recipe(parse_recipe(_recipe(models, f"s3://{bucket}/models", remote_out, 1)),
-                        progress=False, report=False)
+@pytest.fixture(scope="module")
+def reference(models, tmp_path_factory) -> tuple[Path, dict]:
+    """The recipe with local model paths, local input and local output, run once."""
+    out = tmp_path_factory.mktemp("model-reference") / "out"
+    manifest = run_recipe(parse_recipe(_recipe(str(models / "corpus"), str(models / "models"),
+                                               str(out))), progress=False, report=False)
+    assert manifest["shards"] and manifest["counts"]["dropped"] > 0
+    return out, manifest
 
-    a, b = _files(str(tmp_path / "out")), _files(remote_out)
-    shards = [s["path"] for s in local["shards"]]
-    assert shards and [s["path"] for s in remote["shards"]] == shards
-    for name in shards + ["tokenized/tokens.bin", "tokenized/tokens.idx",
-                          "tokenized/tokens.dom.npy"]:  # .domains.json names the tokenizer
+
+@pytest.fixture(scope="module")
+def on_s3(models, s3_server) -> str:
+    """The models and the corpus uploaded once to a bucket of their own: its URL."""
+    url = f"s3://{new_bucket()}"
+    upload(models / "models", f"{url}/models")
+    upload(models / "corpus", f"{url}/corpus")
+    return url
+
+
+def _same_as_reference(reference: tuple[Path, dict], out: str, got: dict, models_url: str,
+                       models: Path) -> None:
+    """Shards and tokenized files byte for byte the reference's; the sidecar names the
+    tokenizer URL, not the cache folder; the manifest lists what is there."""
+    ref_out, ref = reference
+    a, b = files(str(ref_out)), files(out)
+    shards = [s["path"] for s in ref["shards"]]
+    assert [s["path"] for s in got["shards"]] == shards
+    for name in shards + TOKENIZED:  # .domains.json names the tokenizer
         assert a[name] == b[name], name
     side_a, side_b = (json.loads(x["tokenized/tokens.domains.json"]) for x in (a, b))
     assert side_a.pop("tokenizer") == str(models / "models" / "lm")
-    assert side_b.pop("tokenizer") == f"s3://{bucket}/models/lm"  # the URL, not the cache
-    assert side_a == side_b and side_a["num_documents"] == local["counts"]["kept"]
-    ta, tb = dict(local["tokenized"]), dict(remote["tokenized"])
+    assert side_b.pop("tokenizer") == f"{models_url}/lm"  # the URL, not the cache
+    assert side_a == side_b and side_a["num_documents"] == ref["counts"]["kept"]
+    ta, tb = dict(ref["tokenized"]), dict(got["tokenized"])
     assert ta.pop("tokenizer") != tb.pop("tokenizer")
     assert ta["num_tokens"] == tb["num_tokens"] and ta["num_documents"] == tb["num_documents"]
     # the manifest is the commit point and lists the tokenized files
     assert {f["path"] for f in tb["files"]} <= set(b)
     assert not [k for k in b if k.startswith("_work/")]
-    # one cache entry per remote object or folder (the tokenizer is the model's folder),
-    # shared by both pool workers, and no temporary download left behind
-    cache = tmp_path / "cache" / "models"
-    entries = sorted(p.name for p in cache.iterdir() if p.is_dir())
-    assert len(entries) == 2 and not any(n.startswith(".") for n in entries)
-    assert sorted(json.loads((cache / e / "source.json").read_text())["url"]
-                  for e in entries) == [f"s3://{bucket}/models/clf.bin",
-                                        f"s3://{bucket}/models/lm"]
+
+
+def _cache_urls(cache: Path) -> list[str]:
+    """The URLs of a model cache's entries (no temporary download may be left)."""
+    if not cache.is_dir():
+        return []
+    entries = [p for p in cache.iterdir() if p.is_dir()]
+    assert not any(p.name.startswith(".") for p in entries)
+    return sorted(json.loads((p / "source.json").read_text())["url"] for p in entries)
+
+
+def test_recipe_with_s3_models_and_tokenizer_writes_what_local_paths_write(
+        models, reference, on_s3, tmp_path, bucket, monkeypatch):
+    monkeypatch.setenv("GRISTMILL_CACHE", str(tmp_path / "cache"))
+    remote_out = f"s3://{bucket}/out"
+    remote = run_recipe(parse_recipe(_recipe(str(models / "corpus"), f"{on_s3}/models",
+                                             remote_out)), progress=False, report=False)
+    _same_as_reference(reference, remote_out, remote, f"{on_s3}/models", models)
+    # one cache entry per remote object or folder: the tokenizer is the model's folder,
+    # fetched once for the stage and the tokenizing step
+    assert _cache_urls(tmp_path / "cache" / "models") == [f"{on_s3}/models/clf.bin",
+                                                          f"{on_s3}/models/lm"]
+
+
+def test_dask_workers_without_a_shared_folder_load_s3_models_through_their_own_cache(
+        models, reference, on_s3, tmp_path, bucket, monkeypatch, s3_dask_cluster):
+    """Input, models, tokenizer and output on S3; a ``dask scheduler`` and two ``dask
+    worker`` processes, each with its own folder and model cache: each worker that ran a
+    task fetched both models into its own cache, and the output is the local run's."""
+    monkeypatch.setenv("GRISTMILL_CACHE", str(tmp_path / "cache"))
+    remote_out = f"s3://{bucket}/dask-out"
+    engine = {"kind": "dask", "scheduler": s3_dask_cluster.address, "batch_size": 16}
+    got = run_recipe(parse_recipe(_recipe(f"{on_s3}/corpus", f"{on_s3}/models", remote_out,
+                                          engine)), progress=False, report=False)
+    _same_as_reference(reference, remote_out, got, f"{on_s3}/models", models)
+    want = [f"{on_s3}/models/clf.bin", f"{on_s3}/models/lm"]
+    worker_caches = [[u for u in _cache_urls(s3_dask_cluster.cache(i)) if u.startswith(on_s3)]
+                     for i in range(len(s3_dask_cluster.homes))]
+    assert want in worker_caches, worker_caches  # the scoring ran on the workers
+    assert all(c in ([], want) for c in worker_caches), worker_caches
+    for home in s3_dask_cluster.homes:  # nothing of the run was written in a worker's folder
+        assert not list(home.rglob("*.parquet")) and not list(home.rglob("tokens.*"))
 
 
 def test_racing_processes_download_a_model_folder_once(models, tmp_path, bucket,
                                                        s3_server):
     url = f"s3://{bucket}/race/lm"
-    _upload(models / "models" / "lm", url)
+    upload(models / "models" / "lm", url)
     code = ("import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stderr)\n"
             "from gristmill.pipeline.model_cache import localize\n"
             f"print(localize({url!r}))")
@@ -161,7 +200,7 @@ def test_a_changed_object_gets_a_new_cache_entry(tmp_path, bucket, monkeypatch):
 
 def test_a_missing_s3_model_is_a_recipe_error_naming_the_field(models, tmp_path,
                                                                bucket):
-    body = _recipe(models, f"s3://{bucket}/nothing-here", str(tmp_path / "o"), 1)
+    body = _recipe(str(models / "corpus"), f"s3://{bucket}/nothing-here", str(tmp_path / "o"))
     with pytest.raises(RecipeError, match=r"preselect\.model: .*s3://.*/nothing-here/clf\.bin"):
         check_recipe(parse_recipe(body))
     body["stages"] = []
@@ -210,7 +249,7 @@ def test_tokenize_command_takes_a_tokenizer_url(models, tmp_path, bucket, monkey
     from gristmill.pipeline.tokenized import IndexedTokens
 
     monkeypatch.setenv("GRISTMILL_CACHE", str(tmp_path / "cache"))
-    _upload(models / "tok", f"s3://{bucket}/tok")
+    upload(models / "tok", f"s3://{bucket}/tok")
     (tmp_path / "shards").mkdir()
     pq.write_table(pa.table({"text": ["river stone", "mill wheel water"]}),
                    tmp_path / "shards" / "part-00000.parquet")
