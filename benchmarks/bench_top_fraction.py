@@ -16,7 +16,11 @@ sketch's reported bound; then the ratios sketch / exact. The load average is
 printed at the start and the end (the machine is shared).
 
     .venv/bin/python benchmarks/bench_top_fraction.py [--rows 20000000] [--tasks 200]
-        [--epsilon 0.001] [--fraction 0.3] [--workers 2]
+        [--epsilon 0.001] [--fraction 0.3] [--workers 2] [--fan-in F] [--methods exact]
+
+``--fan-in`` sets how many files the exact merge takes at once (``FAN_IN``,
+64): ``--fan-in 100000`` is the single-pass merge, to compare with the
+multi-pass one at many tasks.
 """
 
 from __future__ import annotations
@@ -69,8 +73,13 @@ def spill_task(args: tuple) -> tuple[float, int]:
     return time.process_time() - c0, path.stat().st_size
 
 
-def driver(method: str, folder: str, tasks: int, fraction: float, epsilon: float) -> None:
+def driver(method: str, folder: str, tasks: int, fraction: float, epsilon: float,
+           fan_in: int | None) -> None:
     """The engine's barrier: finalize_spilled over the task files, in task order."""
+    import gristmill.selectors.top_fraction as tf
+
+    if fan_in:
+        tf.FAN_IN = fan_in
     stage = _stage(method, fraction, epsilon)
     paths = [Path(folder) / f"task-{t:05d}.spill" for t in range(tasks)]
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -102,10 +111,16 @@ def main() -> None:
     ap.add_argument("--fraction", type=float, default=0.3)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--fan-in", type=int, default=None,
+                    help="files the exact merge takes at once (default: top_fraction.FAN_IN)")
+    ap.add_argument("--methods", nargs="+", default=["exact", "sketch"])
+    ap.add_argument("--driver-timeout", type=float, default=None,
+                    help="give up on a driver after this many seconds (and say so)")
     ap.add_argument("--driver", nargs=2, metavar=("METHOD", "FOLDER"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.driver:
-        driver(args.driver[0], args.driver[1], args.tasks, args.fraction, args.epsilon)
+        driver(args.driver[0], args.driver[1], args.tasks, args.fraction, args.epsilon,
+               args.fan_in)
         return
     per = args.rows // args.tasks
     print(f"bench_top_fraction: {per * args.tasks:,} records in {args.tasks} tasks, "
@@ -114,7 +129,7 @@ def main() -> None:
     shutil.rmtree(WORK, ignore_errors=True)
     results = {}
     with Pool(args.workers) as pool:
-        for method in ("exact", "sketch"):
+        for method in args.methods:
             folder = WORK / method
             folder.mkdir(parents=True)
             t0 = time.perf_counter()
@@ -122,10 +137,18 @@ def main() -> None:
                                              args.epsilon, str(folder))
                                             for t in range(args.tasks)])
             spill_wall = time.perf_counter() - t0
-            out = subprocess.run([sys.executable, __file__, "--tasks", str(args.tasks),
-                                  "--fraction", str(args.fraction), "--epsilon",
-                                  str(args.epsilon), "--driver", method, str(folder)],
-                                 capture_output=True, text=True, check=True)
+            try:
+                out = subprocess.run([sys.executable, __file__, "--tasks", str(args.tasks),
+                                      "--fraction", str(args.fraction), "--epsilon",
+                                      str(args.epsilon), "--driver", method, str(folder)]
+                                     + (["--fan-in", str(args.fan_in)] if args.fan_in else []),
+                                     capture_output=True, text=True, check=True,
+                                     timeout=args.driver_timeout)
+            except subprocess.TimeoutExpired:
+                print(f"{method:>6}: driver did not finish in {args.driver_timeout:.0f} s "
+                      f"(stopped); load {loadavg()}", flush=True)
+                shutil.rmtree(folder)
+                continue
             d = json.loads(out.stdout)
             st = d["state"]
             kept = sum(pool.map(kept_weight, [(t, per, args.seed, float(st["score"]), st["tie"])
@@ -146,6 +169,8 @@ def main() -> None:
                   f"(reported bound {r['bound']:.2e}); records held {r['retained']:,}; "
                   f"load {loadavg()}", flush=True)
             shutil.rmtree(folder)
+    if set(results) != {"exact", "sketch"}:
+        return
     e, s = results["exact"], results["sketch"]
     print(f"sketch / exact: driver wall {s['wall'] / e['wall']:.3f}x, driver peak RSS "
           f"{s['rss_peak'] / e['rss_peak']:.3f}x (above imports: "

@@ -18,7 +18,7 @@ from typing import Any, BinaryIO, ClassVar, Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from gristmill.pipeline.hashing import record_hash
 from gristmill.pipeline.stage import GlobalStage, StageOutput, StageParams, split_batch
@@ -186,13 +186,15 @@ class TopFractionParams(StageParams):
                            "fraction of the total weight")
     delta: float = Field(1e-6, gt=0, lt=1, description="sketch: probability that the bound fails")
 
-    @model_validator(mode="after")
-    def _sketch_fields_need_the_sketch(self) -> TopFractionParams:
-        given = {"epsilon", "delta"} & self.model_fields_set
-        if given and self.method != "sketch":
-            raise ValueError(f"{', '.join(sorted(given))} applies to method: sketch only "
-                             f"(method is {self.method!r})")
-        return self
+    @field_validator("epsilon", "delta")
+    @classmethod
+    def _only_for_the_sketch(cls, v: float, info: ValidationInfo) -> float:
+        # runs only for a value the recipe gives (not the default)
+        method = info.data.get("method", "exact")
+        if method != "sketch":
+            raise ValueError(f"{info.field_name} applies to method: sketch only (method is "
+                             f"{method!r})")
+        return v
 
 
 class TopFraction(GlobalStage):
