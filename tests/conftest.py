@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 import yaml
 
-# one moto S3 server and one multi-process Dask cluster per session, started on first use
+# one moto S3 server per session and one multi-process Dask cluster per module, on first use
 from object_store_cluster import bucket, s3_dask_cluster, s3_server  # noqa: F401
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

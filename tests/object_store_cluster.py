@@ -1,15 +1,16 @@
-"""One real S3 server and one real multi-process Dask cluster per test session (issue 11),
-shared by the object-storage, model-path and Beam-resume tests (conftest.py imports the
-fixtures from here).
+"""One real S3 server per test session and one real multi-process Dask cluster per module
+(issue 11), shared by the object-storage, model-path and Beam-resume tests (conftest.py
+imports the fixtures from here).
 
 - ``s3_server``: moto's standalone S3 server in its own process on 127.0.0.1, spoken to
   through s3fs. Its address and dummy credentials go into ``os.environ`` for the session,
   where s3fs and every subprocess find them.
-- ``s3_dask_cluster``: ``dask scheduler`` and two ``dask worker`` processes on loopback.
-  Each worker runs in its own empty folder, with its own temp folder and model cache
-  (``TMPDIR``, ``GRISTMILL_CACHE``): they share nothing with the driver or each other
-  but the S3 server. Workers run without a nanny (one process each, quick to start and
-  to stop); a test that needs a fresh cluster is not written here.
+- ``s3_dask_cluster``: ``dask scheduler`` and two ``dask worker`` processes on loopback,
+  one cluster per test module (a session-long one would keep workers that loaded torch,
+  ~0.6 GB each, alive for the rest of the suite). Each worker runs in its own empty
+  folder, with its own temp folder and model cache (``TMPDIR``, ``GRISTMILL_CACHE``):
+  they share nothing with the driver or each other but the S3 server. Workers run
+  without a nanny (one process each, quick to start and to stop).
 - ``bucket``: a new, empty bucket per test.
 """
 
@@ -123,9 +124,9 @@ class DaskCluster:
         return self.homes[worker] / "cache" / "models"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def s3_dask_cluster(tmp_path_factory, s3_server) -> Iterator[DaskCluster]:
-    """``dask scheduler`` and two ``dask worker`` processes on loopback, for the session."""
+    """``dask scheduler`` and two ``dask worker`` processes on loopback, for the module."""
     pytest.importorskip("distributed")
     root = tmp_path_factory.mktemp("dask-cluster")
     dask_cli = Path(sys.executable).with_name("dask")
