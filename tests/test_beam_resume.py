@@ -43,7 +43,7 @@ def _corpus(folder: Path) -> None:
 
 def _recipe(tmp_path: Path, kind: str, corpus: Path, out: str) -> Path:
     # small batches and shards make each file's write step long enough to stop a run
-    # between two files (batches of 8 rows: 10 per file, 2 to 5 shards per file)
+    # between two files (batches of 8 rows, 10 per file; 2 KB shards, 37 in all)
     return write_recipe(
         tmp_path / f"{kind}.yaml", name="beam-resume", seed=9,
         # a named source: its records' ``source`` is the name, wherever the recipe is
