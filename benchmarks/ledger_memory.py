@@ -1,0 +1,80 @@
+"""Driver memory of the repeated-id count at commit (issue 11): does it grow with
+the number of id ledgers?
+
+Writes ``--files`` id ledgers of ``--ids`` ids each (ids ``"<file>-<n>"``, as
+bench_scale's corpus numbers its records, written by the reader's own
+``write_id_ledger``), then counts repeated ids with ``inputs.repeated_ids`` in a
+fresh process and prints that process's peak RSS before and after the count.
+Run two sizes to see the growth:
+
+    .venv/bin/python benchmarks/ledger_memory.py --files 4 --ids 35000
+    .venv/bin/python benchmarks/ledger_memory.py --files 32 --ids 35000
+
+(bench_scale's 200 MB corpus has 4 files of ~35k records at 1x, 32 at 8x.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent / "_work" / "ledgers"
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def make(folder: Path, files: int, ids: int) -> None:
+    import numpy as np
+    import pyarrow as pa
+
+    from gristmill.pipeline.inputs import write_id_ledger
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in range(files):
+        table = pa.table({"id": pa.array([f"{f}-{i}" for i in range(ids)]),
+                          "_key": pa.array((np.uint64(f) << np.uint64(40))
+                                           + np.arange(1, ids + 1, dtype=np.uint64))})
+        write_id_ledger(folder / f"task-{f:05d}.parquet", [table])
+    (folder / "DONE").write_text("ok")
+
+
+def count(folder: Path, files: int) -> None:
+    import gristmill.pipeline.runner  # noqa: F401  (the driver's imports, before the baseline)
+    from gristmill.pipeline.inputs import repeated_ids
+
+    paths = sorted(folder.glob("task-*.parquet"))
+    before = _peak_mb()
+    t0 = time.perf_counter()
+    got = repeated_ids(paths, {i: f"part-{i:04d}.jsonl" for i in range(files)})
+    print(f"{files} ledgers, {got['distinct_ids']:,} ids: driver peak RSS {before:.0f} -> "
+          f"{_peak_mb():.0f} MB (+{_peak_mb() - before:.0f} MB) in {time.perf_counter() - t0:.1f} s")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--files", type=int, default=4)
+    ap.add_argument("--ids", type=int, default=35_000)
+    ap.add_argument("--step", choices=["make", "count"], help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    folder = ROOT / f"{a.files}x{a.ids}"
+    if a.step == "make":
+        make(folder, a.files, a.ids)
+    elif a.step == "count":
+        count(folder, a.files)
+    else:
+        # each step in a fresh process started from this small one: Linux carries a
+        # process's peak RSS across fork + exec, so a parent that wrote the ledgers
+        # would set the counting process's starting peak
+        for step in (["make"] if not (folder / "DONE").exists() else []) + ["count"]:
+            subprocess.run([sys.executable, __file__, "--files", str(a.files), "--ids",
+                            str(a.ids), "--step", step], check=True)
+
+
+if __name__ == "__main__":
+    main()
