@@ -239,7 +239,10 @@ def run_recipe(recipe: Recipe | str | Path, *, fresh: bool = False, engine: str 
             plans = prev.get("splits", {})  # the plan of the run it resumes, not a new pass
         else:
             pins = plan_pins(recipe)  # every model's version, before any data is read
-            plans = plan_splits(files, recipe.engine.split_size)
+            # one planning task per big file on the engine's workers; each records its
+            # plan in _work/plans, so a pass killed half-way is not redone for those files
+            plans = plan_splits(files, recipe.engine.split_size,
+                                make_engine(recipe, progress).map_files, work / "plans")
             atomic_write_json(run_info, {"fingerprint": fingerprint, "inputs": listing(files),
                                          "splits": plans, "models": pins})
         recipe = recipe.with_pins(pins)  # workers load exactly these versions

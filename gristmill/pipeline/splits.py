@@ -61,12 +61,16 @@ Per-file bookkeeping
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import socket
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import xxhash
 import zstandard
@@ -286,7 +290,10 @@ def plan_parquet(path: str, split_size: int) -> dict[str, Any]:
     """
     before = storage.stat(path)
     with storage.open_ranges(path) as f:  # the footer only
-        md = pq.ParquetFile(f).metadata
+        try:
+            md = pq.ParquetFile(f).metadata
+        except pa.ArrowInvalid:  # no Parquet footer: one task, the reader reports the fault
+            return {**before, "pieces": []}
     sizes = []
     for i in range(md.num_row_groups):
         rg = md.row_group(i)
@@ -316,21 +323,80 @@ def plan_parquet(path: str, split_size: int) -> dict[str, Any]:
     return {**before, HASH_NAME: digest, "pieces": pieces}
 
 
-def plan_splits(files: list[InputTask], split_size: int | None) -> dict[str, dict[str, Any]]:
+def plan_file(path: str, fmt: str, split_size: int,
+              record: str | None = None) -> dict[str, Any] | None:
+    """One planning task: the split plan of one file, or None when it stays one task.
+
+    Runs wherever the engine runs it (a pool process, a Dask worker, or here);
+    the result is small. With ``record`` (a path in the run's ``_work/plans``),
+    the result is also written there, with the file's size and mtime, the
+    ``split_size`` and the process that planned it (host, pid), so that a run killed during the planning pass and started
+    again does not plan this file a second time (``plan_splits``).
+    """
+    planner = plan_parquet if fmt == "parquet" else \
+        plan_zstd if compression_of(path) == "zst" else plan_jsonl
+    plan = planner(path, split_size)
+    result = plan if len(plan.get("ranges") or plan.get("pieces") or []) > 1 else None
+    if record is not None:
+        storage.write_bytes(record, json.dumps(
+            {"path": path, "split_size": split_size, "size": plan["size"],
+             "mtime_ns": plan["mtime_ns"], "plan": result,
+             "planned_by": {"host": socket.gethostname(), "pid": os.getpid()}}).encode())
+    return result
+
+
+def _recorded(record: Any, path: str, split_size: int) -> tuple[bool, dict[str, Any] | None]:
+    """(True, plan) when ``record`` holds the plan of ``path`` as it is now, at this
+    ``split_size``; (False, None) otherwise."""
+    if not storage.exists(record):
+        return False, None
+    try:
+        rec = json.loads(storage.read_bytes(record))
+    except ValueError:  # a damaged record is planned again
+        return False, None
+    if rec.get("path") != path or rec.get("split_size") != split_size:
+        return False, None
+    if {k: rec.get(k) for k in ("size", "mtime_ns")} != storage.stat(path):
+        return False, None
+    return True, rec["plan"]
+
+
+def serial_map(fn: Callable[..., Any], args: list[tuple]) -> list[Any]:
+    """``fn(*a)`` for every ``a``, here, one after another; results in order."""
+    return [fn(*a) for a in args]
+
+
+def plan_splits(files: list[InputTask], split_size: int | None,
+                map_fn: Callable[[Callable[..., Any], list[tuple]], list[Any]] | None = None,
+                records: Any = None) -> dict[str, dict[str, Any]]:
     """The split plan of every file worth splitting (larger than ``split_size``),
-    by path; files not in it are one task each."""
-    plans: dict[str, dict[str, Any]] = {}
+    by path, in file order; files not in it are one task each.
+
+    ``map_fn(plan_file, args)`` runs one planning task per file and returns the
+    results in the order of ``args``: the engine's map (a process pool, Dask
+    workers; ``LocalEngine.map_files``...), or ``serial_map`` here. The plans are
+    put together in file order whatever order the tasks finished in, so the plan
+    is the same for any map and worker count. With ``records`` (a folder), each
+    task writes its result there (``plan_file``) and a file whose record matches
+    it (same path, size, mtime and ``split_size``) is not planned again.
+    """
     if not split_size:
-        return plans
-    for f in files:
-        if f.size <= split_size or not splittable(f):
-            continue
-        planner = plan_parquet if f.format == "parquet" else \
-            plan_zstd if compression_of(f.path) == "zst" else plan_jsonl
-        plan = planner(f.path, split_size)
-        if len(plan.get("ranges") or plan.get("pieces") or []) > 1:
-            plans[f.path] = plan
-    return plans
+        return {}
+    todo = [f for f in files if f.size > split_size and splittable(f)]
+    found: dict[str, dict[str, Any] | None] = {}
+    args = []
+    for f in todo:
+        record = None if records is None else records / f"file-{f.index:05d}.json"
+        if record is not None:
+            done, plan = _recorded(record, f.path, split_size)
+            if done:
+                found[f.path] = plan
+                continue
+        args.append((f.path, f.format, split_size, None if record is None else str(record)))
+    if args:
+        found.update(zip([a[0] for a in args], (map_fn or serial_map)(plan_file, args),
+                         strict=True))
+    return {f.path: found[f.path] for f in todo if found[f.path] is not None}
 
 
 def split_tasks(files: list[InputTask], plans: dict[str, dict[str, Any]]) -> list[InputTask]:

@@ -374,6 +374,14 @@ class BeamEngine:
         self.recipe = recipe
         self.progress = progress
 
+    def map_files(self, fn, args: list[tuple]) -> list[Any]:
+        """The split planning pass runs before the pipeline is built, in a local pool
+        of ``engine.workers`` processes (``LocalEngine.map_files``), not on the
+        runner's workers; results in order."""
+        from gristmill.pipeline.engines.local import LocalEngine
+
+        return LocalEngine(self.recipe, progress=False).map_files(fn, args)
+
     def _runner_and_options(self):
         from apache_beam.options.pipeline_options import PipelineOptions
 

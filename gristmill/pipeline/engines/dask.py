@@ -157,6 +157,20 @@ class DaskEngine:
         atomic_write_bytes(state_path, pickle.dumps(state))
         return state
 
+    def map_files(self, fn: Callable[..., Any], args: list[tuple]) -> list[Any]:
+        """The split planning pass: one ``client.submit(fn, *a)`` per file, on the
+        cluster (a worker reads the file where it is and sends back the small
+        plan); results in order. Its own client, closed when the pass ends (a
+        ``LocalCluster`` is started for it and again by ``execute``)."""
+        client, cluster = self._client()
+        try:
+            futs = [client.submit(fn, *a, pure=False) for a in args]
+            return self._gather(client, futs, "dask plan splits")
+        finally:
+            client.close()
+            if cluster is not None:
+                cluster.close()
+
     def execute(self, tasks: list[InputTask], work: Path) -> EngineResult:
         client, cluster = self._client()
         try:

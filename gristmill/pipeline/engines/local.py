@@ -447,6 +447,14 @@ class LocalEngine:
                                     initargs=(os.getpid(),)) as pool:
             return list(pool.map(fn, *zip(*args, strict=True)))
 
+    def map_files(self, fn: Callable[..., Any], args: list[tuple]) -> list[Any]:
+        """The split planning pass (``splits.plan_splits``): ``fn(*a)``, one file per
+        ``a``, in a pool of ``workers`` processes (one file, or ``workers: 1``: here);
+        results in order."""
+        if len(args) <= 1:
+            return [fn(*a) for a in args]
+        return self._map_partitions(fn, args)
+
     def execute(self, tasks: list[InputTask], work: Path) -> EngineResult:
         _STATE_CACHE.clear()  # states of an earlier run in this process are never reused
         return execute_segments(
