@@ -29,6 +29,13 @@ beside them, and whether the kernel shares CPU time out per session (autogroup).
 
     python benchmarks/bench_split.py --gb 1.0
     python benchmarks/bench_split.py --zstd --gb 4.0 --no-split-w1   # ~1 GB .jsonl.zst
+
+``--planning`` times the planning pass alone over ``--files`` files of ``--file-mb``
+MB of JSONL (``--zstd``: multi-frame ``.jsonl.zst`` files), serial on the driver
+against one planning task per file in the local engine's pool of ``--workers``
+processes (as ``run`` plans now), from the page cache, and checks the plans are equal:
+
+    python benchmarks/bench_split.py --planning --files 4 --file-mb 250 [--zstd]
 """
 
 from __future__ import annotations
@@ -129,6 +136,85 @@ def run_arm(name: str, data: Path, split: int | None, workers: int) -> dict:
             "shards": [(s["rows"], s["sha256"]) for s in manifest["shards"]]}
 
 
+def planning(args: argparse.Namespace) -> None:
+    """``--planning``: the planning pass over ``--files`` files of ``--file-mb`` MB of
+    JSONL each (``--zstd``: each as a multi-frame ``.jsonl.zst``), serial on the driver
+    (``plan_splits`` with no map) against one task per file in the local engine's pool
+    (``LocalEngine.map_files``, ``--workers``, the pool's start included), alternated
+    ``--repeats`` times; the plans must be equal."""
+    from gristmill.pipeline.engines.local import LocalEngine
+    from gristmill.pipeline.readers import InputTask
+    from gristmill.pipeline.recipe import parse_recipe, parse_size
+    from gristmill.pipeline.splits import plan_splits
+
+    folder = WORK / "planning"
+    one = folder / ("one.jsonl.zst" if args.zstd else "one.jsonl")
+    total = int(args.file_mb * 1e6)
+    if args.zstd:
+        jsonl, docs, frames = generate_zstd(one, total, args.frame_mib << 20)
+        what = f"{jsonl / 1e6:,.0f} MB of JSONL in {frames} zstd frames"
+    else:
+        jsonl, docs = generate(one, total)
+        what = f"{jsonl / 1e6:,.0f} MB of JSONL"
+    paths = []
+    for i in range(args.files):  # copies: each file is its own in the page cache
+        p = folder / f"f{i}-{one.name}"
+        if not p.exists() or p.stat().st_size != one.stat().st_size:
+            shutil.copyfile(one, p)
+        paths.append(p)
+    on_disk = one.stat().st_size
+    split = parse_size(args.split) if args.split else -(-on_disk // 4)
+    files = [InputTask(index=i, source_index=0, path=str(p), format="jsonl", label=p.name,
+                       size=on_disk) for i, p in enumerate(paths)]
+    for p in paths:  # warm the page cache: both arms read from memory
+        with open(p, "rb") as f:
+            while f.read(64 << 20):
+                pass
+    recipe = parse_recipe({"name": "bench_planning", "sources": [{"path": str(one)}],
+                           "output": {"path": str(folder / "out")},
+                           "engine": {"workers": args.workers, "split_size": split}})
+    pool = LocalEngine(recipe, progress=False).map_files
+    print(f"input: {args.files} files of {on_disk / 1e6:,.0f} MB on disk each ({what}, "
+          f"{docs:,} records each); split_size {split / 1e6:,.1f} MB; {os.cpu_count()} CPUs; "
+          f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    start_only = f"pool w{args.workers} start (no-op tasks)"
+    times: dict[str, list[tuple[float, float]]] = {"serial": [], f"pool w{args.workers}": [],
+                                                   start_only: []}
+    plans = {}
+    for _ in range(args.repeats):
+        for name, map_fn in (("serial", None), (f"pool w{args.workers}", pool),
+                             (start_only, None)):
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
+            t0, c0 = time.perf_counter(), time.process_time()
+            if name == start_only:  # what the pool costs before any file is read
+                pool(abs, [(0,)] * args.files)
+            else:
+                plans[name] = plan_splits(files, split, map_fn)
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu += (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+            times[name].append((wall, cpu))
+    print("\n| arm | wall s (each repeat) | median wall s | CPU s (median) | CPU/wall | "
+          "GB/s of JSONL |\n|---|---|---|---|---|---|")
+    med = {}
+    for name, runs in times.items():
+        walls = sorted(w for w, _ in runs)
+        cpus = sorted(c for _, c in runs)
+        med[name] = walls[len(walls) // 2]
+        cpu = cpus[len(cpus) // 2]
+        print(f"| {name} | {', '.join(f'{w:.2f}' for w, _ in runs)} | {med[name]:.2f} | "
+              f"{cpu:.2f} | {cpu / med[name]:.2f} | "
+              f"{'' if name == start_only else f'{args.files * jsonl / med[name] / 1e9:.2f}'} |")
+    serial, pooled = plans["serial"], plans[f"pool w{args.workers}"]
+    print(f"\nserial / pool w{args.workers} (median wall): "
+          f"{med['serial'] / med[f'pool w{args.workers}']:.2f}x; without the pool's start: "
+          f"{med['serial'] / max(med[f'pool w{args.workers}'] - med[start_only], 1e-9):.2f}x; "
+          f"same plans: "
+          f"{json.dumps(serial, sort_keys=True) == json.dumps(pooled, sort_keys=True)} "
+          f"({sum(len(p['ranges']) for p in serial.values())} ranges in {len(serial)} files)")
+    print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -139,7 +225,17 @@ def main() -> None:
     ap.add_argument("--zstd", action="store_true", help="one multi-frame .jsonl.zst file")
     ap.add_argument("--frame-mib", type=int, default=16, help="MiB of JSONL per zstd frame")
     ap.add_argument("--no-split-w1", action="store_true", help="leave out the split w1 arm")
+    ap.add_argument("--planning", action="store_true",
+                    help="time the planning pass only: serial vs one task per file in a pool")
+    ap.add_argument("--files", type=int, default=4, help="--planning: number of files")
+    ap.add_argument("--file-mb", type=float, default=250.0,
+                    help="--planning: MB of JSONL per file")
+    ap.add_argument("--workers", type=int, default=2, help="--planning: pool processes")
+    ap.add_argument("--repeats", type=int, default=3, help="--planning: alternated repeats")
     args = ap.parse_args()
+    if args.planning:
+        planning(args)
+        return
     from gristmill.pipeline.recipe import parse_size
     from gristmill.pipeline.splits import plan_jsonl, plan_zstd
 
