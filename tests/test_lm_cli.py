@@ -80,9 +80,10 @@ def test_two_rank_torchrun_matches_one_rank_with_the_same_global_batch(run_dir, 
     two = _write_config(run_dir, tokens, tmp_path / "two", batch_size=2, grad_clip=0.0, device="cpu")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     assert main(["train-lm", str(one)]) == 0
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    "-m", "gristmill.cli", "train-lm", str(two)],
-                   check=True, env=env, capture_output=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node", "2", "-m", "gristmill.cli", "train-lm", str(two)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
     a = json.loads((tmp_path / "one" / "curves.json").read_text())
     b = json.loads((tmp_path / "two" / "curves.json").read_text())
     assert b["world_size"] == 2 and b["tokens_per_step"] == a["tokens_per_step"]
