@@ -202,3 +202,16 @@ def test_a_file_that_cannot_be_read_stops_the_planning_with_one_line(corpus, tmp
         assert len(first) == len(BIG)  # z-locked is the last file: the others were planned
         assert attempt()[0] == want
         assert _stamps(records) == first  # not planned again
+
+
+def test_a_parquet_file_without_a_footer_is_one_task_its_reader_reports(tmp_path):
+    """Not a traceback from the planning pass: the file is read as one task and the
+    manifest says it is unreadable, as for an unsplit file."""
+    (tmp_path / "in").mkdir()
+    bad = tmp_path / "in" / "bad.parquet"
+    bad.write_bytes(random.Random(3).randbytes(3 * SPLIT))
+    recipe = parse_recipe(_spec(tmp_path / "in", tmp_path / "out", workers=1))
+    assert plan_splits(list_tasks(recipe), SPLIT) == {}
+    m = run_recipe(recipe, progress=False, report=False)
+    assert [f["status"] for f in m["files"]] == ["unreadable"]
+    assert "Parquet magic bytes not found" in m["files"][0]["error"]

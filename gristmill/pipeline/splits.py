@@ -27,8 +27,12 @@ Row identity does not depend on splitting
     The split depends on the file and ``split_size`` only, never on the worker
     count, so ``workers: 1`` and ``workers: N`` write the same bytes.
 
-The planning pass (what it costs)
-    Before the tasks run, the driver reads every file it splits once, in order:
+The planning pass (where it runs, what it costs)
+    Before the tasks run, every file to split is read once by a planning task
+    (``plan_file``), one task per file on the engine's workers (``plan_splits``
+    with the engine's ``map_files``: the local pool, Dask workers; Beam plans in
+    a local pool before the pipeline is built), the plans put together in file
+    order; each task reads:
     ``bytes.find``/``count`` of newlines and ``xxh3_128`` of the whole file
     (plus an ``xxh3_64`` of each range), several GB/s on a local disk, so the
     file is read twice in all (on an object store: downloaded twice; an
@@ -40,9 +44,11 @@ The planning pass (what it costs)
     plan reads its footer
     and hashes the whole file once; each piece then fetches only the footer and
     the column chunks of its own row groups (``storage.open_ranges``: no
-    read-ahead into other pieces' bytes). The plan is saved in
-    ``_work/run.json``; a resume whose inputs are unchanged uses it and reads
-    nothing again.
+    read-ahead into other pieces' bytes); a Parquet file without a readable
+    footer is one task (its reader reports it). Each planning task records its
+    plan in ``_work/plans`` (a pass stopped half way does not plan those files
+    again), and the whole plan is saved in ``_work/run.json``; a resume whose
+    inputs are unchanged uses it and reads nothing again.
 
 A file that changes after planning
     Each piece checks the file's size and mtime against the plan before and
