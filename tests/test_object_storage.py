@@ -302,3 +302,28 @@ def test_a_parquet_object_is_downloaded_once_and_split_ones_read_by_row_groups(
              for batch in InputReader(p, spec, FileReport(path=obj), 5, None)
              for t in batch.to_pylist()]
     assert split == whole
+
+
+def test_split_planning_runs_on_the_dask_workers_reading_s3(tmp_path, bucket, s3_dask_cluster):
+    """One planning task per big object on the cluster of separate processes: the
+    workers read the objects and record their plans under the output's ``_work`` on
+    S3; the plan is the one the driver makes alone, byte for byte."""
+    from test_split_planning import BIG, SPLIT, _spec, _write_corpus
+
+    from gristmill.pipeline.recipe import parse_recipe
+    from gristmill.pipeline.runner import list_tasks, make_engine
+    from gristmill.pipeline.splits import plan_splits
+
+    _write_corpus(tmp_path / "in")
+    upload(tmp_path / "in", f"s3://{bucket}/in")
+    recipe = parse_recipe(_spec(f"s3://{bucket}/in", f"s3://{bucket}/out", kind="dask",
+                                scheduler=s3_dask_cluster.address))
+    tasks = list_tasks(recipe)
+    serial = plan_splits(tasks, SPLIT)
+    assert len(serial) == 3  # JSONL, multi-frame zstd, Parquet
+    records = storage.as_path(f"s3://{bucket}/out/_work/plans")
+    plans = plan_splits(tasks, SPLIT, make_engine(recipe, False).map_files, records)
+    assert json.dumps(plans, sort_keys=True) == json.dumps(serial, sort_keys=True)
+    written = [json.loads(storage.read_bytes(p)) for p in storage.find_files(records)]
+    assert sorted(r["path"] for r in written) == [f"s3://{bucket}/in/{n}" for n in BIG]
+    assert os.getpid() not in {r["planned_by"]["pid"] for r in written}  # on the workers
