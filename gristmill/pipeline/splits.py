@@ -335,9 +335,10 @@ def plan_file(path: str, fmt: str, split_size: int,
 
     Runs wherever the engine runs it (a pool process, a Dask worker, or here);
     the result is small. With ``record`` (a path in the run's ``_work/plans``),
-    the result is also written there, with the file's size and mtime, the
-    ``split_size`` and the process that planned it (host, pid), so that a run killed during the planning pass and started
-    again does not plan this file a second time (``plan_splits``).
+    the result is also written there, with the file's format, size and mtime,
+    the ``split_size`` and the process that planned it (host, pid), so that a
+    run killed during the planning pass and started again does not plan this
+    file a second time (``plan_splits``).
     """
     planner = plan_parquet if fmt == "parquet" else \
         plan_zstd if compression_of(path) == "zst" else plan_jsonl
@@ -345,22 +346,23 @@ def plan_file(path: str, fmt: str, split_size: int,
     result = plan if len(plan.get("ranges") or plan.get("pieces") or []) > 1 else None
     if record is not None:
         storage.write_bytes(record, json.dumps(
-            {"path": path, "split_size": split_size, "size": plan["size"],
+            {"path": path, "format": fmt, "split_size": split_size, "size": plan["size"],
              "mtime_ns": plan["mtime_ns"], "plan": result,
              "planned_by": {"host": socket.gethostname(), "pid": os.getpid()}}).encode())
     return result
 
 
-def _recorded(record: Any, path: str, split_size: int) -> tuple[bool, dict[str, Any] | None]:
-    """(True, plan) when ``record`` holds the plan of ``path`` as it is now, at this
-    ``split_size``; (False, None) otherwise."""
+def _recorded(record: Any, path: str, fmt: str,
+              split_size: int) -> tuple[bool, dict[str, Any] | None]:
+    """(True, plan) when ``record`` holds the plan of ``path`` as it is now, read as
+    ``fmt``, at this ``split_size``; (False, None) otherwise."""
     if not storage.exists(record):
         return False, None
     try:
         rec = json.loads(storage.read_bytes(record))
     except ValueError:  # a damaged record is planned again
         return False, None
-    if rec.get("path") != path or rec.get("split_size") != split_size:
+    if (rec.get("path"), rec.get("format"), rec.get("split_size")) != (path, fmt, split_size):
         return False, None
     if {k: rec.get(k) for k in ("size", "mtime_ns")} != storage.stat(path):
         return False, None
@@ -384,7 +386,7 @@ def plan_splits(files: list[InputTask], split_size: int | None,
     put together in file order whatever order the tasks finished in, so the plan
     is the same for any map and worker count. With ``records`` (a folder), each
     task writes its result there (``plan_file``) and a file whose record matches
-    it (same path, size, mtime and ``split_size``) is not planned again.
+    it (same path, format, size, mtime and ``split_size``) is not planned again.
     """
     if not split_size:
         return {}
@@ -394,7 +396,7 @@ def plan_splits(files: list[InputTask], split_size: int | None,
     for f in todo:
         record = None if records is None else records / f"file-{f.index:05d}.json"
         if record is not None:
-            done, plan = _recorded(record, f.path, split_size)
+            done, plan = _recorded(record, f.path, f.format, split_size)
             if done:
                 found[f.path] = plan
                 continue
