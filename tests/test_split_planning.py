@@ -29,6 +29,14 @@ from gristmill.pipeline.splits import plan_splits
 from gristmill.pipeline.writers import atomic_write_json
 
 SPLIT = 2048
+
+
+@pytest.fixture(autouse=True)
+def _plan_in_the_pool_at_any_size(monkeypatch):
+    """The local engine plans small local inputs in the driver (``POOL_PLAN_BYTES``);
+    these tests are about the pool, so it is used at any size (subprocesses inherit it)."""
+    monkeypatch.setenv("GRISTMILL_PLAN_POOL_BYTES", "0")
+
 STAGES = [{"stage": "text_stats"}, {"stage": "sample", "fraction": 0.7}]
 BIG = ["b-big.jsonl", "c-big.jsonl.zst", "d-big.parquet", "e-one-frame.jsonl.zst"]
 
@@ -215,3 +223,16 @@ def test_a_parquet_file_without_a_footer_is_one_task_its_reader_reports(tmp_path
     m = run_recipe(recipe, progress=False, report=False)
     assert [f["status"] for f in m["files"]] == ["unreadable"]
     assert "Parquet magic bytes not found" in m["files"][0]["error"]
+
+
+def test_small_local_inputs_are_planned_in_the_driver_even_with_workers(corpus, serial,
+                                                                         tmp_path, monkeypatch):
+    """Below ``POOL_PLAN_BYTES`` of local files the pool's start costs more than the
+    planning: the driver plans them itself on ``workers: 2``, to the same plan."""
+    monkeypatch.delenv("GRISTMILL_PLAN_POOL_BYTES")
+    recipe = parse_recipe(_spec(corpus, tmp_path / "out", workers=2))
+    files = list_tasks(recipe)
+    plans = plan_splits(files, SPLIT, make_engine(recipe, False).map_files, tmp_path / "plans")
+    assert _as_run_json(tmp_path, plans) == serial["bytes"]
+    records = [json.loads(p.read_text()) for p in (tmp_path / "plans").glob("*.json")]
+    assert records and {r["planned_by"]["pid"] for r in records} == {os.getpid()}

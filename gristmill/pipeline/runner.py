@@ -241,8 +241,11 @@ def run_recipe(recipe: Recipe | str | Path, *, fresh: bool = False, engine: str 
             pins = plan_pins(recipe)  # every model's version, before any data is read
             # one planning task per big file on the engine's workers; each records its
             # plan in _work/plans, so a pass killed half-way is not redone for those files
+            # (the engine is made only when a file is to be planned: a Dask engine
+            # would start its cluster for nothing)
             plans = plan_splits(files, recipe.engine.split_size,
-                                make_engine(recipe, progress).map_files, work / "plans")
+                                lambda fn, args: make_engine(recipe, progress).map_files(fn, args),
+                                work / "plans")
             atomic_write_json(run_info, {"fingerprint": fingerprint, "inputs": listing(files),
                                          "splits": plans, "models": pins})
         recipe = recipe.with_pins(pins)  # workers load exactly these versions
