@@ -13,10 +13,8 @@ import shutil
 import signal
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
-import conftest
 import pyarrow as pa
 import pytest
 import xxhash
@@ -32,9 +30,6 @@ from gristmill.pipeline.stage import KEY_POS_BITS, ROW_KEY, RowStage, StageParam
 pytest.importorskip("fasttext")
 pytest.importorskip("s3fs")
 pytest.importorskip("moto")
-if not hasattr(conftest, "bucket"):
-    import test_object_storage
-
 TESTS = Path(__file__).parent
 PLAIN = "river stone mill grain flour wheel water".split()
 TARGET = "theorem proof lemma integral matrix vector".split()
@@ -57,22 +52,6 @@ class KillAtFile(RowStage):
         if os.environ.get("PINNING_KILL") and int(keys.max()) >> KEY_POS_BITS >= self.params.file:
             os.kill(os.getpid(), signal.SIGKILL)
         return keep_all(batch)
-
-
-if not hasattr(conftest, "bucket"):  # conftest shares one session server where it can
-
-    @pytest.fixture(scope="module")
-    def s3_server():
-        with test_object_storage.moto_s3_server() as env:
-            yield env
-
-    @pytest.fixture
-    def bucket(s3_server) -> str:
-        import fsspec
-
-        name = f"pin-{uuid.uuid4().hex[:12]}"
-        fsspec.filesystem("s3").mkdir(name)
-        return name
 
 
 def _put(data: bytes, url: str) -> None:

@@ -158,10 +158,14 @@ def test_every_engine_writes_the_local_bytes_when_split(messy, tmp_path, split_l
     assert _content(out, m) == split_local["content"]
 
 
-def test_resume_after_kill_of_a_split_run_gives_the_same_bytes(messy, tmp_path, monkeypatch):
+def assert_a_killed_split_run_resumes(inputs: Path, big: str, tmp_path: Path,
+                                      monkeypatch) -> None:
+    """Kill -9 a split run of ``inputs`` after three tasks and resume it here: the
+    resume splits by the plan saved in run.json (no second planning pass; ``big``
+    was cut in more than 10 ranges) and writes the uninterrupted run's bytes."""
     recipe, ref = tmp_path / "r.yaml", tmp_path / "ref.yaml"
-    recipe.write_text(yaml.safe_dump(_recipe(messy, tmp_path / "killed", 2048)))
-    ref.write_text(yaml.safe_dump(_recipe(messy, tmp_path / "ref", 2048)))
+    recipe.write_text(yaml.safe_dump(_recipe(inputs, tmp_path / "killed", 2048)))
+    ref.write_text(yaml.safe_dump(_recipe(inputs, tmp_path / "ref", 2048)))
     reference = run_recipe(load_recipe(ref), progress=False, report=False)
     work = tmp_path / "killed" / "_work" / "seg00"
     proc = subprocess.Popen([sys.executable, "-m", "gristmill.cli", "run", str(recipe),
@@ -175,7 +179,7 @@ def test_resume_after_kill_of_a_split_run_gives_the_same_bytes(messy, tmp_path, 
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read()
     assert not (tmp_path / "killed" / "manifest.json").exists()
     planned = json.loads((tmp_path / "killed" / "_work" / "run.json").read_text())["splits"]
-    assert len(planned[str(messy / "b-big.jsonl")]["ranges"]) > 10
+    assert len(planned[str(inputs / big)]["ranges"]) > 10
     # the resume uses the saved plan: no second planning pass
     passes = []
     real = runner_module.plan_splits
@@ -185,6 +189,10 @@ def test_resume_after_kill_of_a_split_run_gives_the_same_bytes(messy, tmp_path, 
     assert [(s["rows"], s["sha256"]) for s in resumed["shards"]] == \
         [(s["rows"], s["sha256"]) for s in reference["shards"]]
     assert _content(tmp_path / "killed", resumed) == _content(tmp_path / "ref", reference)
+
+
+def test_resume_after_kill_of_a_split_run_gives_the_same_bytes(messy, tmp_path, monkeypatch):
+    assert_a_killed_split_run_resumes(messy, "b-big.jsonl", tmp_path, monkeypatch)
 
 
 # -- the reader, piece by piece -------------------------------------------------------------

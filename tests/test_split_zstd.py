@@ -8,28 +8,28 @@ import json
 import os
 import random
 import shutil
-import signal
 import struct
 import subprocess
-import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import yaml
 import zstandard
 from conftest import make_text
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from test_split_inputs import LINES, _content, _messy_lines, _recipe, _run
+from test_split_inputs import (
+    LINES,
+    _content,
+    _messy_lines,
+    _run,
+    assert_a_killed_split_run_resumes,
+)
 
-from gristmill.pipeline import runner as runner_module
 from gristmill.pipeline.decompress import zstd_data_frames
 from gristmill.pipeline.inputs import InputChangedDuringRun, InputReader
 from gristmill.pipeline.readers import FileReport, InputTask
-from gristmill.pipeline.recipe import SourceSpec, load_recipe
-from gristmill.pipeline.runner import run_recipe
+from gristmill.pipeline.recipe import SourceSpec
 from gristmill.pipeline.splits import empty_reject, merge_files, plan_splits, plan_zstd, split_tasks
 from gristmill.pipeline.stage import KEY_POS_BITS, ROW_KEY
 
@@ -254,30 +254,7 @@ def test_pieces_of_a_zstd_file_keep_the_line_numbers_as_keys(tmp_path):
 
 def test_resume_after_kill_of_a_split_zstd_run_uses_the_saved_plan(zstd_corpus, tmp_path,
                                                                   monkeypatch):
-    recipe, ref = tmp_path / "r.yaml", tmp_path / "ref.yaml"
-    recipe.write_text(yaml.safe_dump(_recipe(zstd_corpus, tmp_path / "killed", 2048)))
-    ref.write_text(yaml.safe_dump(_recipe(zstd_corpus, tmp_path / "ref", 2048)))
-    reference = run_recipe(load_recipe(ref), progress=False, report=False)
-    work = tmp_path / "killed" / "_work" / "seg00"
-    proc = subprocess.Popen([sys.executable, "-m", "gristmill.cli", "run", str(recipe),
-                             "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None and \
-            len(list(work.glob("task-*/done.json"))) < 3:
-        time.sleep(0.005)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.read()
-    planned = json.loads((tmp_path / "killed" / "_work" / "run.json").read_text())["splits"]
-    assert len(planned[str(zstd_corpus / "b-big.jsonl.zst")]["ranges"]) > 10
-    passes = []
-    real = runner_module.plan_splits
-    monkeypatch.setattr(runner_module, "plan_splits", lambda *a: passes.append(a) or real(*a))
-    resumed = run_recipe(load_recipe(recipe), progress=False, report=False)
-    assert passes == []  # the resume splits by the saved plan
-    assert [(s["rows"], s["sha256"]) for s in resumed["shards"]] == \
-        [(s["rows"], s["sha256"]) for s in reference["shards"]]
-    assert _content(tmp_path / "killed", resumed) == _content(tmp_path / "ref", reference)
+    assert_a_killed_split_run_resumes(zstd_corpus, "b-big.jsonl.zst", tmp_path, monkeypatch)
 
 
 def test_a_first_frame_longer_than_the_walk_limit_keeps_the_file_one_task(tmp_path, monkeypatch):

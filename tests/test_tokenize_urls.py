@@ -4,9 +4,6 @@ the ``.idx`` that completes a prefix is uploaded last."""
 
 from __future__ import annotations
 
-import uuid
-
-import conftest
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -18,21 +15,6 @@ from gristmill.pipeline.tokenized import FILE_EXTS, IndexedTokens
 pytest.importorskip("s3fs")
 pytest.importorskip("moto")
 pytest.importorskip("transformers")
-if not hasattr(conftest, "bucket"):  # conftest shares one session server where it can
-    import test_object_storage
-
-    @pytest.fixture(scope="module")
-    def s3_server():
-        with test_object_storage.moto_s3_server() as env:
-            yield env
-
-    @pytest.fixture
-    def bucket(s3_server) -> str:
-        import fsspec
-
-        name = f"tok-{uuid.uuid4().hex[:12]}"
-        fsspec.filesystem("s3").mkdir(name)
-        return name
 
 TEXTS = ["river stone mill", "mill wheel water and grain", "flour from the mill",
          "the farmer brings barley", "wind turns the sail"]
