@@ -241,13 +241,20 @@ def test_any_layout_and_split_size_reads_like_the_whole_file(tmp_path, lines, tr
         reports.append(report)
     got = pa.concat_tables(got_tables) if got_tables else None
     assert (got.to_pylist() if got else []) == (want.to_pylist() if want else [])
+    assert_pieces_report_as_the_file(pieces, reports, want_report)
+
+
+def assert_pieces_report_as_the_file(pieces: list[InputTask], reports: list[FileReport],
+                                     want: FileReport) -> None:
+    """The pieces' reports, merged as the runner merges them, say what the whole
+    file's report says: the same rejects in order, records, bytes and status."""
     merged = merge_files(pieces, [r.summary() for r in reports])[0]
     rejects = [r for rep in reports for r in rep.rejects]
     if len(pieces) > 1 and merged["status"] == "empty":  # the runner adds it per file
         rejects.append(empty_reject(pieces[0]))
-    assert rejects == want_report.rejects
+    assert rejects == want.rejects
     assert {k: merged[k] for k in ("records", "rejected", "bytes", "status")} == \
-        {k: getattr(want_report, k) for k in ("records", "rejected", "bytes", "status")}
+        {k: getattr(want, k) for k in ("records", "rejected", "bytes", "status")}
 
 
 def test_a_file_changed_after_planning_is_refused(tmp_path):
