@@ -128,6 +128,15 @@ def test_a_resume_after_a_kill_is_refused_when_a_model_changed_and_resumes_when_
     [(name, s3_size, version)] = pins["s3_clf"]["files"]
     assert name == "" and s3_size == size and version.startswith("ETag=")
     assert pins["s3_clf"]["fingerprint"] == model_cache.cache_key(url, pins["s3_clf"]["files"])
+    # and `gristmill inspect` prints them
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "ref")]) == 0
+    shown = [line for line in capsys.readouterr().out.splitlines() if "model:" in line]
+    assert shown == [
+        f"  model: stages[1].model (stage 'local_clf'): {local} ({size:,} bytes, "
+        f"{pins['local_clf']['files'][0][2]}; fingerprint {pins['local_clf']['fingerprint'][:16]})",
+        f"  model: stages[2].model (stage 's3_clf'): {url} ({size:,} bytes, {version}; "
+        f"fingerprint {pins['s3_clf']['fingerprint'][:16]})"]
 
     recipe = _recipe(models, tmp_path, "killed", local, url)
     env = {**os.environ, "PINNING_KILL": "1",

@@ -65,6 +65,8 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _print_summary(manifest: dict, out: Path) -> None:
+    from gristmill.pipeline.model_cache import describe
+
     c = manifest["counts"]
     added = f"  repeated {c['added']:,}" if c.get("added") else ""
     print(f"{manifest['name']}: read {c['read']:,}  kept {c['kept']:,}  dropped {c['dropped']:,}  "
@@ -87,6 +89,12 @@ def _print_summary(manifest: dict, out: Path) -> None:
         print(f"  ids: {ids['repeated_ids']:,} ids repeat over "
               f"{ids['records_with_repeated_id']:,} records (counted, never used to drop: "
               f"records are tracked by file and line){where}")
+    for pin in manifest.get("models") or []:
+        # the version of every model, tokenizer and list the run loaded (pinned at plan time)
+        size = sum(int(f[1]) for f in pin["files"])
+        what = pin["files"][0][2] if len(pin["files"]) == 1 else f"{len(pin['files'])} files"
+        print(f"  model: {describe(pin.get('stage'), pin['field'])}: {pin['path']} "
+              f"({size:,} bytes, {what}; fingerprint {pin['fingerprint'][:16]})")
     for conflict in manifest.get("schema_conflicts") or []:
         from gristmill.pipeline.carried_schema import describe_conflict
 
