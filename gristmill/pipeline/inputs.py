@@ -56,6 +56,11 @@ HASH_NAME = "xxh3_128"
 ID_BUCKETS = 4096  # hash buckets written into every ledger
 LEDGER_ROWS_PER_PARTITION = 8_192  # ids counted at once at commit
 LEDGER_ROW_GROUP = 4_096
+#: how the repeated-id count reads ledgers: one thread, no pre-buffering. With Arrow's
+#: defaults (reader threads, pre-buffering) the driver's peak grew with the number of
+#: ledgers read; without them it is the Parquet reader's and group_by's fixed cost
+#: (``benchmarks/ledger_memory.py`` runs both)
+LEDGER_READ = {"pre_buffer": False, "use_threads": False}
 MAX_EXAMPLES = 10
 
 
@@ -296,13 +301,9 @@ def _read_partition(ledgers: list[tuple[Path, list[tuple[int, int]]]], lo: int,
         groups = [g for g, (a, b) in enumerate(ranges) if a < hi and b >= lo]
         if not groups:
             continue
-        # one thread, no pre-buffering: with Arrow's reader threads the driver's peak
-        # grew with the number of ledgers read (+60 MB at 32 ledgers x 35k ids against
-        # +34 MB; 4 ledgers: +41 against +29), with them it is the fixed cost of the
-        # Parquet reader and group_by
         with storage.open_read(path) as f:
-            t = pq.ParquetFile(f, pre_buffer=False).read_row_groups(
-                groups, columns=["part", "id", ROW_KEY], use_threads=False)
+            t = pq.ParquetFile(f, pre_buffer=LEDGER_READ["pre_buffer"]).read_row_groups(
+                groups, columns=["part", "id", ROW_KEY], use_threads=LEDGER_READ["use_threads"])
         part = t.column("part")
         t = t.filter(pc.and_(pc.greater_equal(part, lo), pc.less(part, hi)))
         tables.append(t.select(["id", ROW_KEY]).cast(schema))

@@ -222,8 +222,8 @@ def plan_zstd(path: str, split_size: int) -> dict[str, Any]:
     out for a few bytes per block of a local file, or at most that many bytes of an
     object's download. Then, only for several frames, one read of the file that
     hashes it and decompresses all of it, counting newlines (line numbers need every
-    byte before a range): the work of one unsplit read without the parsing, on the
-    driver, before the tasks run.
+    byte before a range): the work of one unsplit read without the parsing, in the
+    file's planning task (``plan_file``), before the tasks run.
     """
     before = storage.stat(path)
     size = before["size"]

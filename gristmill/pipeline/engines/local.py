@@ -457,10 +457,11 @@ class LocalEngine:
         ``a`` (a path first), in a pool of ``workers`` processes; results in order.
 
         Here instead, in this process, for one file, ``workers: 1``, or local files
-        of less than ``POOL_PLAN_BYTES`` together (``GRISTMILL_PLAN_POOL_BYTES``): planning reads local files at
-        ~1.6 GB/s, and starting the pool costs more than that saves below a few GB
-        (``bench_split.py --planning``: 4 x 250 MB planned in 0.53 s here against
-        0.93 s in a pool of 2, of which 0.74 s was the pool's start)."""
+        of less than ``POOL_PLAN_BYTES`` together (``GRISTMILL_PLAN_POOL_BYTES``):
+        planning reads local files at ~1.6 GB/s, and starting the pool costs more
+        than that saves below a few GB (``bench_split.py --planning``: 4 x 250 MB
+        planned in 0.53 s here against 0.93 s in a pool of 2, of which 0.74 s was
+        the pool's start)."""
         paths = [a[0] for a in args]
         least = int(os.environ.get("GRISTMILL_PLAN_POOL_BYTES", POOL_PLAN_BYTES))
         if len(args) <= 1 or self.recipe.engine.workers <= 1 or (
